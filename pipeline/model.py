@@ -1,0 +1,194 @@
+"""The LLaMA architecture in plain PyTorch.
+
+Reads top to bottom like the diagram:
+
+    tokens → Embedding → [TransformerBlock × n_layers] → RMSNorm → Linear head → logits
+    TransformerBlock:  x + Attention(RMSNorm(x)),  then  h + FeedForward(RMSNorm(h))
+    Attention:         q, k, v projections → rotary embedding on q, k → causal SDPA → output projection
+    FeedForward:       SwiGLU, w2(silu(w1 x) * w3 x)
+
+Nothing here knows about DeepSpeed; engines in `pipeline/engines/` wrap these modules.
+
+Rotary embeddings use the "rotate half" layout (the first and second halves of each head
+dimension form the pairs), which is the layout of Hugging Face's `LlamaForCausalLM`; weights
+therefore map one-to-one to Hugging Face names with no permutation (see `pipeline/hf.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    ffn_dim: int
+    n_kv_heads: int | None = None  # None: multi-head attention; fewer than n_heads: GQA
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        return replace(self, vocab_size=vocab_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (embedding and head untied)."""
+        d, f, v, hd = self.dim, self.ffn_dim, self.vocab_size, self.head_dim
+        attn = d * d * 2 + 2 * d * self.kv_heads * hd
+        block = attn + 3 * d * f + 2 * d
+        return 2 * v * d + self.n_layers * block + d
+
+
+# Presets as code. Hugging Face config.json of meta-llama/Llama-2-7b-hf for llama-7b.
+PRESETS: dict[str, ModelConfig] = {
+    # For CPU tests and the demo: a few seconds a step on 2 cores.
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, ffn_dim=176, max_seq_len=256),
+    "small": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, ffn_dim=688, max_seq_len=512),
+    "llama-1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=32000, ffn_dim=5632, max_seq_len=4096),
+    "llama-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, ffn_dim=11008, max_seq_len=4096),
+    "llama-13b": ModelConfig(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, ffn_dim=13824, max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementation does, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, head_dim), rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
+    """A bias-free linear layer initialised N(0, std) in its constructor.
+
+    Initialising inside each module's constructor (not in a pass over the finished model) is
+    what makes `deepspeed.zero.Init`, which partitions each parameter as soon as its module is
+    built, produce the same weights as a plain build from the same seed.
+    """
+    layer = nn.Linear(d_in, d_out, bias=False)
+    nn.init.normal_(layer.weight, 0.0, std)
+    return layer
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+    # Output projections of each residual branch are scaled by 1/sqrt(2·n_layers)
+    # (GPT-2 / Megatron convention) so the residual stream keeps its scale with depth.
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = _linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = _linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = _linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = _linear(cfg.n_heads * cfg.head_dim, cfg.dim, _residual_std(cfg))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = _linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # gate
+        self.w3 = _linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # up
+        self.w2 = _linear(cfg.ffn_dim, cfg.dim, _residual_std(cfg))  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, cfg.init_std)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = _linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+
+    def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (batch, seq) int64 → logits (batch, seq, vocab)."""
+        cos, sin = self.rotary(tokens.shape[1], tokens.device)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; `labels` are already shifted (labels[t] = tokens[t+1])."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
