@@ -1,0 +1,20 @@
+"""DeepSpeed engines. Each takes the plain model of `pipeline/model.py` and wraps it.
+
+An engine offers the same few calls to the training loop:
+    train_step(micro_batches) -> mean loss of this rank's micro-batches (a float)
+    eval_loss(micro_batches)  -> mean loss, no gradients
+    save(dir, tag, client_state) / load(dir, tag) -> client_state
+    lr, grad_norm, module_state_dict()
+"""
+
+from pipeline.config import Profile
+
+
+def build_engine(profile: Profile):
+    if profile.topology.engine == "zero3":
+        from pipeline.engines.zero3 import Zero3Engine
+
+        return Zero3Engine(profile)
+    from pipeline.engines.pipe import PipelineEngine
+
+    return PipelineEngine(profile)

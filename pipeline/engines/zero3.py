@@ -1,0 +1,71 @@
+"""ZeRO stage 3 data parallelism: parameters, gradients and optimizer states sharded over all ranks."""
+
+from __future__ import annotations
+
+import deepspeed
+import numpy as np
+import torch
+
+from pipeline.config import Profile
+from pipeline.model import Transformer, causal_lm_loss
+from pipeline.optim import build_optimizer
+
+
+class Zero3Engine:
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        # Built under zero.Init so no rank ever holds the whole model: each parameter is
+        # partitioned as soon as its module is constructed (the 7B model never materialises).
+        with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
+            model = Transformer(profile.model)
+        if profile.train.activation_checkpointing:
+            model = _checkpointed(model)
+        optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
+        self.device = self.engine.device
+
+    def _to(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        self.engine.train()
+        total = 0.0
+        for x, y in micro_batches:
+            loss = causal_lm_loss(self.engine(self._to(x)), self._to(y))
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            total += loss.item()
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        self.engine.eval()
+        losses = [causal_lm_loss(self.engine(self._to(x)), self._to(y)).item() for x, y in micro_batches]
+        return sum(losses) / len(losses)
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        return client_state
+
+
+def _checkpointed(model: Transformer) -> Transformer:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda x, cos, sin, _f=forward: checkpoint(_f, x, cos, sin, use_reentrant=False)
+    return model

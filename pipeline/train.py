@@ -1,0 +1,230 @@
+"""Pretrain a LLaMA model with DeepSpeed.
+
+Run through the DeepSpeed launcher, one process per device:
+
+    deepspeed --num_gpus 8 --module pipeline.train --profile ds_configs/7b_zero3.json --out runs/7b
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module pipeline.train --profile ds_configs/tiny_cpu.json --out runs/tiny
+
+Writes under --out: `profile.json` (the fully resolved profile), `checkpoints/` (DeepSpeed
+checkpoints, `latest` naming the newest complete one), `metrics.jsonl` and `tensorboard/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
+from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
+from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", required=True, help="JSON profile (see ds_configs/)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, resolved profile")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a profile value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="'auto': continue from the newest complete checkpoint in OUT/checkpoints if any; "
+                        "'none': start fresh (refused if checkpoints exist); or a tag such as global_step100")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def all_ranks_any(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_ranks_mean(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
+
+
+class Checkpoints:
+    """DeepSpeed checkpoints under one directory, with an atomic `latest` pointer.
+
+    Every rank writes its part of tag T, then all ranks meet at a barrier, and only then rank 0
+    replaces `latest` (write a temporary file, rename). A crash mid-save therefore leaves
+    `latest` naming the previous, complete checkpoint.
+    """
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root, self.keep_last = root, keep_last
+
+    def latest(self) -> str | None:
+        f = self.root / "latest"
+        return f.read_text().strip() if f.exists() else None
+
+    def save(self, engine, step: int, client_state: dict, profile_dict: dict) -> str:
+        tag = f"global_step{step}"
+        rank = torch.distributed.get_rank()
+        engine.save(str(self.root), tag, client_state)
+        if rank == 0:
+            (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+        torch.distributed.barrier()
+        if rank == 0:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.root / "latest")
+            self._prune(tag)
+        torch.distributed.barrier()
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        tags = sorted((p for p in self.root.glob("global_step*") if p.is_dir()),
+                      key=lambda p: int(p.name.removeprefix("global_step")))
+        for old in tags[:-self.keep_last]:
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        raw = parse_profile(apply_overrides(read_profile_json(args.profile), args.overrides), args.profile)
+        manifest = Manifest.load(raw.data.manifest)
+        profile = resolve(raw, args.profile, world, vocab_size=manifest.tokenizer.vocab_size)
+        if profile.model.vocab_size < manifest.tokenizer.vocab_size:
+            raise ProfileError(f"{args.profile}: model.vocab_size={profile.model.vocab_size} is smaller than the "
+                               f"tokenizer's {manifest.tokenizer.vocab_size} ({manifest.tokenizer.model_path})")
+    except (ProfileError, ManifestError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if profile.topology.engine != "zero3":
+        if rank == 0:
+            print("error: engine 'pipeline' is not available in this version", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
+    profile_dict = profile.resolved_dict()
+    profile_dict["data"]["manifest"] = str(Path(raw.data.manifest).resolve())
+    if rank == 0:
+        ckpts.root.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+
+    t = profile.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank, and across engines
+    from pipeline.engines import build_engine
+
+    engine = build_engine(profile)
+    train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed)
+    val_shards = manifest.split_shards("validation")
+    val_samples = open_split(manifest, "validation", profile.data.seq_len, profile.data.seed) if val_shards else None
+
+    start_step = 0
+    tag = ckpts.latest() if args.resume == "auto" else (None if args.resume == "none" else args.resume)
+    if args.resume == "none" and ckpts.latest():
+        if rank == 0:
+            print(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out", file=sys.stderr)
+        return 2
+    if tag:
+        if not (ckpts.root / tag).is_dir():
+            if rank == 0:
+                print(f"error: checkpoint {ckpts.root / tag} does not exist", file=sys.stderr)
+            return 2
+        state = engine.load(str(ckpts.root), tag)
+        start_step = state["step"]
+        if rank == 0:
+            print(f"resumed from {ckpts.root / tag} at step {start_step}", flush=True)
+
+    mb, dp, accum, gbs = t.micro_batch_size, profile.data_parallel_size, profile.grad_accum_steps, profile.global_batch_size
+    dp_rank = rank % dp
+    fpt = flops_per_token(profile.model, profile.data.seq_len)
+    device_kind, peak = detect_peak_flops()
+    metrics = MetricsWriter(out, enabled=rank == 0)
+    preempt = Preemption()
+    if rank == 0:
+        print(f"training {profile.model.num_params() / 1e6:.2f}M parameters | engine {profile.topology.engine} | "
+              f"world {world} (data-parallel {dp}) | batch {gbs} × {profile.data.seq_len} tokens | "
+              f"steps {start_step}→{t.steps} | {train_samples.num_samples} train samples", flush=True)
+
+    def micro_batches(samples, step):
+        return [samples.batch(micro_batch_positions(step, m, dp_rank, mb, dp, gbs)) for m in range(accum)]
+
+    tic = time.perf_counter()
+    step = start_step
+    while step < t.steps:
+        loss = all_ranks_mean(engine.train_step(micro_batches(train_samples, step)))
+        step += 1
+        elapsed = time.perf_counter() - tic
+        tic = time.perf_counter()
+        tokens_per_s = profile.tokens_per_step / elapsed
+        tflops_per_dev = fpt * tokens_per_s / world / 1e12
+        values = {"train/loss": loss, "train/lr": engine.lr, "perf/tokens_per_s": tokens_per_s,
+                  "perf/tflops_per_device": tflops_per_dev, "perf/step_time_s": elapsed,
+                  "data/consumed_samples": step * gbs}
+        if engine.grad_norm is not None:
+            values["train/grad_norm"] = engine.grad_norm
+        if peak:
+            values["perf/mfu"] = tflops_per_dev * 1e12 / peak
+        if torch.cuda.is_available():
+            values["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if val_samples is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            losses = [engine.eval_loss(micro_batches(val_samples, b)) for b in range(t.eval_batches)]
+            values["val/loss"] = all_ranks_mean(sum(losses) / len(losses))
+        metrics.log(step, values)
+        if rank == 0 and (step % t.log_every == 0 or step == t.steps or step == start_step + 1):
+            line = (f"step {step}/{t.steps} | loss {loss:.4f} | lr {engine.lr:.2e} | "
+                    f"gnorm {values.get('train/grad_norm', float('nan')):.3f} | {tokens_per_s:,.0f} tok/s | "
+                    f"{tflops_per_dev:.3f} TFLOP/s/{device_kind}")
+            if "perf/mfu" in values:
+                line += f" | MFU {values['perf/mfu']:.1%}"
+            if "val/loss" in values:
+                line += f" | val {values['val/loss']:.4f}"
+            print(line, flush=True)
+        stop = all_ranks_any(preempt.requested)
+        if stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            client_state = {"step": step, "consumed_samples": step * gbs}
+            saved = ckpts.save(engine, step, client_state, profile_dict)
+            if rank == 0:
+                print(f"checkpoint {ckpts.root / saved}", flush=True)
+        if stop:
+            if rank == 0:
+                print(f"preempted: stopped after step {step}; resume with --resume auto", flush=True)
+            break
+    metrics.close()
+    torch.distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
