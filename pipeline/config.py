@@ -51,7 +51,7 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _known_preset(self) -> "ModelSection":
         if self.preset not in PRESETS:
-            raise ValueError(f"preset {self.preset!r} is not one of {sorted(PRESETS)}")
+            raise ValueError(f"preset: not one of {sorted(PRESETS)} (got {self.preset!r})")
         return self
 
     def build(self, vocab_size: int | None = None) -> ModelConfig:
@@ -72,9 +72,20 @@ class DataSection(_Section):
     seed: int = 1234
     num_workers: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _positive_weights(self) -> "DataSection":
+        for name, w in self.mixture.items():
+            if not w > 0:
+                raise ValueError(f"mixture.{name}: weight must be > 0 (got {w})")
+        return self
+
 
 class TrainSection(_Section):
-    steps: int = Field(gt=0)
+    # Run length: `steps`, or "auto" with a token budget `total_tokens` (steps = the budget
+    # divided by the tokens of one optimizer step, rounded up). Steps given as a number win over
+    # the budget, so `--set train.steps=20` turns any profile into a short smoke run.
+    steps: int | Literal["auto"] = "auto"
+    total_tokens: int | None = Field(None, gt=0)
     # Batch sizes: set micro_batch_size, and either global_batch_size (sequences),
     # global_batch_tokens, or grad_accum_steps; the rest are derived and checked.
     micro_batch_size: int = Field(gt=0)
@@ -102,6 +113,12 @@ class TrainSection(_Section):
     # Fault handling: a non-finite loss skips the step; this many in a row stop the run.
     max_consecutive_skips: int = Field(10, gt=0)
 
+    @model_validator(mode="after")
+    def _run_length(self) -> "TrainSection":
+        if self.steps == "auto" and self.total_tokens is None:
+            raise ValueError("steps: \"auto\" needs a token budget in train.total_tokens; set one of them (got \"auto\")")
+        return self
+
 
 class TopologySection(_Section):
     engine: Literal["zero3", "pipeline"] = "zero3"
@@ -111,8 +128,8 @@ class TopologySection(_Section):
     def _stages_match_engine(self) -> "TopologySection":
         if self.engine == "zero3" and self.pipeline_stages != 1:
             raise ValueError(
-                f"pipeline_stages={self.pipeline_stages} needs engine 'pipeline' "
-                "(DeepSpeed cannot combine ZeRO-3 with pipeline parallelism)"
+                "pipeline_stages: more than one stage needs engine 'pipeline' "
+                f"(DeepSpeed cannot combine ZeRO-3 with pipeline parallelism) (got {self.pipeline_stages})"
             )
         return self
 
@@ -155,6 +172,11 @@ class Profile(BaseModel):
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.raw.data.seq_len
 
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the whole run consumes (steps × tokens per step)."""
+        return self.raw.train.steps * self.tokens_per_step
+
     def resolved_dict(self) -> dict:
         """The fully resolved profile, as written next to checkpoints."""
         out = self.raw.model_dump(mode="json")
@@ -170,6 +192,10 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A check across a section's fields: the message starts with the field it blames.
+            lines.append(f"{source}: {loc + '.' if loc else ''}{msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
         value = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {json.dumps(e.get('input'), default=str)[:80]})"
@@ -201,32 +227,44 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _error(source: str, field: str, what: str, value: Any) -> ProfileError:
+    """One line: `FILE: section.key: what is wrong (got VALUE)`."""
+    return ProfileError(f"{source}: {field}: {what} (got {json.dumps(value, default=str)})")
+
+
 def _resolve_batch(t: TrainSection, seq_len: int, dp: int, source: str) -> tuple[int, int]:
-    """(grad_accum_steps, global_batch_size) from whichever of the batch fields were given."""
+    """(grad_accum_steps, global_batch_size) from whichever of the batch fields were given.
+
+    The identity that must hold exactly: global batch = micro_batch_size × grad_accum_steps ×
+    data-parallel size (DeepSpeed asserts the same on train_batch_size)."""
     per_accum = t.micro_batch_size * dp
     given = {k: getattr(t, k) for k in ("grad_accum_steps", "global_batch_size", "global_batch_tokens")
              if getattr(t, k) != "auto"}
+    for k, v in given.items():
+        if v <= 0:
+            raise _error(source, f"train.{k}", "must be a positive integer or \"auto\"", v)
     gbs = None
     if "global_batch_tokens" in given:
         if given["global_batch_tokens"] % seq_len:
-            raise ProfileError(f"{source}: train.global_batch_tokens={given['global_batch_tokens']} is not a multiple "
-                               f"of data.seq_len={seq_len}")
+            raise _error(source, "train.global_batch_tokens", f"not a multiple of data.seq_len={seq_len}",
+                         given["global_batch_tokens"])
         gbs = given["global_batch_tokens"] // seq_len
     if "global_batch_size" in given:
         if gbs is not None and gbs != given["global_batch_size"]:
-            raise ProfileError(f"{source}: train.global_batch_size={given['global_batch_size']} disagrees with "
-                               f"train.global_batch_tokens/seq_len={gbs}")
+            raise _error(source, "train.global_batch_size",
+                         f"disagrees with train.global_batch_tokens / data.seq_len = {gbs}", given["global_batch_size"])
         gbs = given["global_batch_size"]
     if gbs is None:
         accum = given.get("grad_accum_steps", 1)
         return accum, accum * per_accum
+    field = "train.global_batch_tokens" if "global_batch_tokens" in given else "train.global_batch_size"
     if gbs % per_accum:
-        raise ProfileError(f"{source}: global batch of {gbs} sequences is not a multiple of micro_batch_size "
-                           f"{t.micro_batch_size} × data-parallel size {dp} = {per_accum}")
+        raise _error(source, field, f"a global batch of {gbs} sequences is not a multiple of micro_batch_size "
+                     f"{t.micro_batch_size} × data-parallel size {dp} = {per_accum}", given[field.split(".")[1]])
     accum = gbs // per_accum
     if "grad_accum_steps" in given and given["grad_accum_steps"] != accum:
-        raise ProfileError(f"{source}: train.grad_accum_steps={given['grad_accum_steps']} but the global batch needs "
-                           f"{gbs} / ({t.micro_batch_size} × {dp}) = {accum}")
+        raise _error(source, "train.grad_accum_steps", f"the global batch of {gbs} sequences needs "
+                     f"{gbs} / ({t.micro_batch_size} × {dp}) = {accum}", given["grad_accum_steps"])
     return accum, gbs
 
 
@@ -235,23 +273,66 @@ def _fill(ds: dict, key: str, value: Any, source: str, path: str) -> None:
     if ds.get(key, "auto") == "auto":
         ds[key] = value
     elif ds[key] != value:
-        raise ProfileError(f"{source}: deepspeed.{path}{key}={ds[key]!r} disagrees with the value derived from "
-                           f"the train section ({value!r}); set it to \"auto\"")
+        raise _error(source, f"deepspeed.{path}{key}", f"disagrees with the value derived from the profile "
+                     f"({json.dumps(value)}); set it to \"auto\"", ds[key])
+
+
+def _check_zero_section(zero: dict, source: str) -> None:
+    """Unknown or mistyped keys of deepspeed.zero_optimization, checked by DeepSpeed's own schema
+    (DeepSpeed would otherwise stop at the first one, after the model is built)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # tools that only read profiles need not have DeepSpeed installed
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        what = "unknown key (check its spelling)" if first["type"] == "extra_forbidden" else first["msg"]
+        raise _error(source, f"deepspeed.zero_optimization.{loc}", what, first.get("input")) from None
+
+
+def _run_steps(t: TrainSection, tokens_per_step: int) -> int:
+    if t.steps != "auto":
+        return t.steps
+    return -(-t.total_tokens // tokens_per_step)  # ceil: the budget is a floor, never cut short
 
 
 def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | None = None) -> Profile:
+    """Fill in every derived value and check it; raises ProfileError with one line."""
     topo = raw.topology
+    if world_size < 1:
+        raise ProfileError(f"{source}: world size must be at least 1 (got {world_size})")
     if world_size % topo.pipeline_stages:
-        raise ProfileError(f"{source}: world size {world_size} is not a multiple of topology.pipeline_stages="
-                           f"{topo.pipeline_stages}")
+        raise _error(source, "topology.pipeline_stages",
+                     f"world size {world_size} is not a multiple of the pipeline stages", topo.pipeline_stages)
     dp = world_size // topo.pipeline_stages
-    model = raw.model.build(vocab_size)
+    if raw.model.vocab_size == "auto" and vocab_size is None:
+        raise _error(source, "model.vocab_size", "\"auto\" needs the tokenizer of a data manifest", "auto")
+    try:
+        model = raw.model.build(vocab_size)
+    except ValueError as e:  # ModelConfig's own checks name the fields (e.g. dim vs n_heads)
+        raise ProfileError(f"{source}: {e}") from None
     if raw.data.seq_len > model.max_seq_len:
-        raise ProfileError(f"{source}: data.seq_len={raw.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        raise _error(source, "data.seq_len", f"exceeds model.max_seq_len={model.max_seq_len}", raw.data.seq_len)
+    if topo.pipeline_stages > model.n_layers:
+        raise _error(source, "topology.pipeline_stages", f"more stages than model.n_layers={model.n_layers}",
+                     topo.pipeline_stages)
     t = raw.train
     accum, gbs = _resolve_batch(t, raw.data.seq_len, dp, source)
+    steps = _run_steps(t, gbs * raw.data.seq_len)
+    if t.decay_steps != "auto" and t.decay_steps <= t.warmup_steps:
+        raise _error(source, "train.decay_steps", f"must exceed train.warmup_steps={t.warmup_steps}", t.decay_steps)
+    if steps != t.steps:
+        raw = raw.model_copy(update={"train": t.model_copy(update={"steps": steps})})
+        t = raw.train
 
     ds = copy.deepcopy(raw.deepspeed)
+    for bad in ("optimizer", "scheduler"):
+        if bad in ds:
+            raise _error(source, f"deepspeed.{bad}", "the trainer builds the optimizer and schedule from the train "
+                         "section (so weight decay skips norms); remove this key", ds[bad])
     _fill(ds, "train_batch_size", gbs, source, "")
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, source, "")
     _fill(ds, "gradient_accumulation_steps", accum, source, "")
@@ -261,36 +342,37 @@ def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | No
         _fill(section, "enabled", on, source, f"{key}.")
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", "auto")
-    want = 3 if topo.engine == "zero3" else 1
     if stage == "auto":
-        zero["stage"] = want
-    elif topo.engine == "pipeline" and stage >= 2:
-        raise ProfileError(
-            f"{source}: deepspeed.zero_optimization.stage={stage} with topology.engine='pipeline': DeepSpeed refuses "
-            "ZeRO-2/3 together with pipeline parallelism (assert in deepspeed/runtime/pipe/engine.py); use either "
-            "engine 'zero3' (ZeRO stage 3, data parallel) or engine 'pipeline' with ZeRO stage 0 or 1"
-        )
+        zero["stage"] = 3 if topo.engine == "zero3" else 1
+    elif topo.engine == "pipeline" and stage not in (0, 1):
+        raise _error(source, "deepspeed.zero_optimization.stage", "topology.engine 'pipeline' allows ZeRO stage 0 "
+                     "or 1 only: DeepSpeed refuses ZeRO-2/3 with pipeline parallelism (deepspeed/runtime/pipe/"
+                     "engine.py); for ZeRO-3 use topology.engine 'zero3'", stage)
     elif topo.engine == "zero3" and stage != 3:
-        raise ProfileError(f"{source}: deepspeed.zero_optimization.stage={stage} but topology.engine='zero3' needs 3")
+        raise _error(source, "deepspeed.zero_optimization.stage", "topology.engine 'zero3' needs 3", stage)
     if zero["stage"] == 3:
         # DeepSpeed's own "auto" rules (as its Hugging Face integration applies them), from the hidden size.
+        # These are tunables, not identities: a number given in the profile wins.
         h = model.dim
-        _fill(zero, "reduce_bucket_size", h * h, source, "zero_optimization.")
-        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h), source, "zero_optimization.")
-        _fill(zero, "stage3_param_persistence_threshold", 10 * h, source, "zero_optimization.")
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if isinstance(hpz, int) and hpz > 1 and world_size % hpz:
+        # ZeRO++ hpZ keeps a secondary copy of the weights partitioned over `hpz` ranks (one node).
+        raise _error(source, "deepspeed.zero_optimization.zero_hpz_partition_size",
+                     f"world size {world_size} is not a multiple of it (set it to the GPUs per node)", hpz)
+    _check_zero_section(zero, source)
     if topo.engine == "pipeline" and t.precision == "bf16":
         # DeepSpeed's pipeline engine with bf16 needs fp32 gradient accumulation.
         dtypes = ds.setdefault("data_types", {})
         _fill(dtypes, "grad_accum_dtype", "fp32", source, "data_types.")
     ds.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress line
     ds.setdefault("wall_clock_breakdown", False)
-    for bad in ("optimizer", "scheduler"):
-        if bad in ds:
-            raise ProfileError(f"{source}: deepspeed.{bad}: the trainer builds the optimizer and schedule from the train "
-                               "section (so weight decay skips norms); remove this key")
     left = _find_auto(ds)
     if left:
-        raise ProfileError(f"{source}: deepspeed.{left} is \"auto\" but the trainer does not derive it; give a value")
+        raise _error(source, f"deepspeed.{left}", "\"auto\" but the trainer does not derive it; give a value", "auto")
     return Profile(source=source, raw=raw, model=model, world_size=world_size, data_parallel_size=dp,
                    grad_accum_steps=accum, global_batch_size=gbs, deepspeed=ds)
 

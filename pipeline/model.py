@@ -17,6 +17,7 @@ therefore map one-to-one to Hugging Face names with no permutation (see `pipelin
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -106,16 +107,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
-    """A bias-free linear layer initialised N(0, std) in its constructor.
+@contextmanager
+def seeded_init(seed: int, layer_index: int):
+    """Draw a layer's initial weights from its own seed: layer k of a model built from `seed`
+    gets the same weights whether the whole model is built in one process, partitioned as it is
+    built (`deepspeed.zero.Init`), or only the layers of one pipeline stage are built.
+    Index 0 is the embedding, 1..n_layers the blocks, n_layers + 1 the final norm and head."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed * 100_003 + layer_index)
+        yield
 
-    Initialising inside each module's constructor (not in a pass over the finished model) is
-    what makes `deepspeed.zero.Init`, which partitions each parameter as soon as its module is
-    built, produce the same weights as a plain build from the same seed.
-    """
-    layer = nn.Linear(d_in, d_out, bias=False)
-    nn.init.normal_(layer.weight, 0.0, std)
-    return layer
+
+class Linear(nn.Linear):
+    """Bias-free linear layer initialised N(0, std).
+
+    The init lives in `reset_parameters`, which nn.Linear's constructor calls, because
+    `deepspeed.zero.Init` partitions a module's parameters the moment its constructor returns:
+    an init applied afterwards would touch an empty partition and silently do nothing."""
+
+    def __init__(self, d_in: int, d_out: int, std: float):
+        self.std = std
+        super().__init__(d_in, d_out, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding initialised N(0, std) (see `Linear` for why in reset_parameters)."""
+
+    def __init__(self, vocab_size: int, dim: int, std: float):
+        self.std = std
+        super().__init__(vocab_size, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -128,10 +155,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = _linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
-        self.wk = _linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wv = _linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wo = _linear(cfg.n_heads * cfg.head_dim, cfg.dim, _residual_std(cfg))
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, _residual_std(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -146,9 +173,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = _linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # gate
-        self.w3 = _linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # up
-        self.w2 = _linear(cfg.ffn_dim, cfg.dim, _residual_std(cfg))  # down
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # gate
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # up
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, _residual_std(cfg))  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -168,14 +195,19 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, cfg.init_std)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = _linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        with seeded_init(seed, 0):
+            self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+        blocks = []
+        for i in range(cfg.n_layers):
+            with seeded_init(seed, 1 + i):
+                blocks.append(TransformerBlock(cfg))
+        self.layers = nn.ModuleList(blocks)
+        with seeded_init(seed, cfg.n_layers + 1):
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
 
     def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)

@@ -128,11 +128,6 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    if profile.topology.engine != "zero3":
-        if rank == 0:
-            print("error: engine 'pipeline' is not available in this version", file=sys.stderr)
-        return 2
-
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
     profile_dict = profile.resolved_dict()
@@ -167,7 +162,7 @@ def main(argv=None) -> int:
             print(f"resumed from {ckpts.root / tag} at step {start_step}", flush=True)
 
     mb, dp, accum, gbs = t.micro_batch_size, profile.data_parallel_size, profile.grad_accum_steps, profile.global_batch_size
-    dp_rank = rank % dp
+    dp_rank = engine.dp_rank
     fpt = flops_per_token(profile.model, profile.data.seq_len)
     device_kind, peak = detect_peak_flops()
     metrics = MetricsWriter(out, enabled=rank == 0)

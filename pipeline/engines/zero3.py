@@ -17,13 +17,14 @@ class Zero3Engine:
         # Built under zero.Init so no rank ever holds the whole model: each parameter is
         # partitioned as soon as its module is constructed (the 7B model never materialises).
         with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
-            model = Transformer(profile.model)
+            model = Transformer(profile.model, seed=profile.train.seed)
         if profile.train.activation_checkpointing:
             model = _checkpointed(model)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self.device = self.engine.device
+        self.dp_rank = torch.distributed.get_rank()  # every rank is a data-parallel replica
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)

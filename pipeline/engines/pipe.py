@@ -1,0 +1,120 @@
+"""Pipeline parallelism: DeepSpeed `PipelineModule` stages built from the model's own layer
+classes, ZeRO stage 1 over the data-parallel replicas of each stage.
+
+Layer list (its indices are the checkpoint's `layer_XX-model_states.pt` files):
+
+    0            EmbeddingLayer   tok_embeddings
+    1..n_layers  BlockLayer       one TransformerBlock each (attention, feed_forward, norms)
+    n_layers+1   HeadLayer        norm, output
+
+Parameter names inside each layer are those of `pipeline/model.py`, so layer k's tensors are
+the plain model's `layers.{k-1}.*` and one naming scheme serves both engines and the export.
+Stages are cut by parameter count (`partition_method="parameters"`).
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import numpy as np
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import Profile
+from pipeline.model import Embedding, Linear, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
+from pipeline.optim import build_optimizer
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int):
+        super().__init__()
+        with seeded_init(seed, 0):
+            self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)
+
+
+class BlockLayer(TransformerBlock):
+    """A TransformerBlock that takes only the hidden state (the one tensor pipeline stages
+    pass along) and makes its rotary tables itself, cached per sequence length."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, index: int):
+        with seeded_init(seed, 1 + index):
+            super().__init__(cfg)
+        self._cfg = cfg
+        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        t = h.shape[1]
+        if self._rope is None or self._rope[0] != t or self._rope[1].device != h.device:
+            cos, sin = rotary_tables(self._cfg.head_dim, t, self._cfg.rope_theta, h.device)
+            self._rope = (t, cos, sin)
+        return super().forward(h, self._rope[1], self._rope[2])
+
+
+class HeadLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int):
+        super().__init__()
+        with seeded_init(seed, cfg.n_layers + 1):
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))
+
+
+def _checkpoint(run, *inputs):
+    return checkpoint(run, *inputs, use_reentrant=False)
+
+
+def build_pipeline_module(cfg: ModelConfig, stages: int, seed: int, activation_checkpointing: bool) -> PipelineModule:
+    layers = [LayerSpec(EmbeddingLayer, cfg, seed)]
+    layers += [LayerSpec(BlockLayer, cfg, seed, i) for i in range(cfg.n_layers)]
+    layers += [LayerSpec(HeadLayer, cfg, seed)]
+    return PipelineModule(
+        layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_func=_checkpoint, checkpointable_layers=["BlockLayer"])
+
+
+class PipelineEngine:
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train.seed,
+                                       profile.train.activation_checkpointing)
+        optimizer, scheduler = build_optimizer(module.named_parameters(), profile.train)
+        self.engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
+        self.device = self.engine.device
+        self.dp_rank = self.engine.grid.get_data_parallel_rank()
+
+    def _iter(self, micro_batches):
+        for x, y in micro_batches:
+            yield torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        # train_batch runs every micro-batch through the pipeline schedule and steps the optimizer;
+        # the returned loss is the micro-batch mean, already shared by all stages.
+        return float(self.engine.train_batch(data_iter=self._iter(micro_batches)))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        return float(self.engine.eval_batch(data_iter=self._iter(micro_batches)))
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        return client_state
