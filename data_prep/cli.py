@@ -1,0 +1,73 @@
+"""python -m data_prep {run,prepare,dedup,train-tokenizer,tokenize,finalize,config} --help"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+COMMANDS = {
+    "run": ("every stage, in order (resumes where a killed run stopped)",
+            ["prepare", "exact_dedup", "near_dedup", "merge_dedup", "train_tokenizer", "tokenize", "finalize"]),
+    "prepare": ("read, clean, filter; text hashes and MinHash signatures per input task", ["prepare"]),
+    "dedup": ("exact and MinHash near-duplicate deduplication over the whole corpus", ["exact_dedup", "near_dedup", "merge_dedup"]),
+    "train-tokenizer": ("train SentencePiece BPE on a bounded sample; write the HF tokenizer files", ["train_tokenizer"]),
+    "tokenize": ("tokenize kept documents into Arrow shards", ["tokenize"]),
+    "finalize": ("write shards/manifest.json, stats.json, summary.md and plots", ["finalize"]),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description="Prepare pretraining data: "
+                                "clean, filter, deduplicate, train a tokenizer, tokenize, shard. See data_prep/README.md.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, _) in COMMANDS.items():
+        c = sub.add_parser(name, help=help_, description=help_)
+        c.add_argument("--config", type=Path, default=None,
+                       help="prep config JSON (default: data_prep/configs/demo.json, the installed packages' docs)")
+        c.add_argument("--out", type=Path, required=True, help="output directory (created; reruns resume in it)")
+        c.add_argument("--executor", choices=["local", "ray"], default=None, help="override executor.type")
+        c.add_argument("--workers", type=int, default=None, help="override executor.workers (default: all cores)")
+        c.add_argument("--ray-address", default=None, help="override executor.ray_address, e.g. 'auto'")
+    c = sub.add_parser("config", help="print the resolved config (defaults filled in) as JSON",
+                       description="print the resolved config (defaults filled in) as JSON")
+    c.add_argument("--config", type=Path, default=None, help="prep config JSON (default: the demo config)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from data_prep.config import ConfigError, load_config
+    from data_prep.readers import ReadError
+    from data_prep.stages import STAGES, StageError, open_context
+    from data_prep.stats import dump
+
+    try:
+        cfg = load_config(args.config)
+        if args.command == "config":
+            print(dump(cfg.model_dump(mode="json")), end="")
+            return 0
+        ex_cfg = cfg.executor
+        kind = args.executor or ex_cfg.type
+        workers = args.workers or ex_cfg.workers
+        from data_prep.executor import make_executor
+
+        t0 = time.time()
+        ctx = open_context(cfg, args.out)
+        executor = make_executor(kind, workers, args.ray_address or ex_cfg.ray_address)
+        wanted = COMMANDS[args.command][1]
+        for stage in STAGES:
+            if stage.name in wanted:
+                stage.run(ctx, executor)
+    except (ConfigError, ReadError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out
+    print(f"done in {time.time() - t0:.1f}s: {args.command}", file=sys.stderr)
+    if "finalize" in wanted:
+        print(f"shards + manifest: {out / 'shards' / 'manifest.json'}")
+        print(f"tokenizer:         {out / 'tokenizer'}")
+        print(f"stats:             {out / 'stats.json'}  summary: {out / 'summary.md'}  plots: {out / 'plots'}")
+    else:
+        print(f"outputs under {out}")
+    return 0

@@ -1,0 +1,241 @@
+"""Typed prep config: JSON on disk, pydantic here, validated once at the edge.
+
+Every default below is the documented default; `data_prep/README.md` has the reference table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Text, licence and metadata files of the installed packages: real text that every machine
+# has, with real exact duplicates (the same licence many times) and near duplicates.
+# Python files contribute their docstrings only (see readers.python_docstrings).
+SITE_PACKAGES_PATTERNS = ["*.dist-info/METADATA", "*LICENSE*", "*LICENCE*", "*COPYING*", "*.md", "*.rst", "*.txt", "*.py"]
+
+
+class SourceConfig(_Strict):
+    name: str = Field(min_length=1)
+    # jsonl covers .jsonl, .jsonl.gz and .jsonl.zst (chosen by file suffix).
+    type: Literal["jsonl", "parquet", "hf_dataset", "text_files", "site_packages"]
+    paths: list[str] = Field(default_factory=list, description="files, directories or glob patterns")
+    text_field: str = "text"
+    id_field: str | None = None
+    html: bool = False
+    patterns: list[str] = Field(default_factory=lambda: list(SITE_PACKAGES_PATTERNS))
+    max_bytes: int | None = Field(default=None, gt=0, description="stop adding input files past this many bytes")
+    task_bytes: int = Field(default=4 << 20, gt=0, description="text_files: group small files into tasks of this size")
+
+    @model_validator(mode="after")
+    def _paths_needed(self):
+        if self.type != "site_packages" and not self.paths:
+            raise ValueError(f"source '{self.name}': paths must name at least one file, directory or glob")
+        return self
+
+
+class ReadConfig(_Strict):
+    # Larger records are rejected as bad input ("too_large") without being read whole:
+    # Gopher/C4 rules and ftfy are super-linear or slow on multi-megabyte pages.
+    max_doc_bytes: int = Field(default=2 << 20, gt=0)
+
+
+class CleanConfig(_Strict):
+    ftfy: bool = True
+    pii: bool = False
+    email_replacement: str = "email@example.com"
+    ip_replacement: str = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never a real host
+
+
+class GopherQualityConfig(_Strict):
+    # Rae et al. 2021 (Gopher), appendix A; same numbers as datatrove's GopherQualityFilter.
+    enabled: bool = True
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3
+    max_avg_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    max_non_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+
+
+class GopherRepetitionConfig(_Strict):
+    # Gopher table A1.
+    enabled: bool = True
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
+    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+
+
+class C4Config(_Strict):
+    # Raffel et al. 2020 (T5/C4) section 2.2; defaults of datatrove's C4QualityFilter.
+    enabled: bool = False
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    min_num_sentences: int = 5
+    remove_lines_without_terminal_punct: bool = True
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebConfig(_Strict):
+    # Penedo et al. 2024 (FineWeb) extra rules; defaults of datatrove's FineWebQualityFilter.
+    enabled: bool = True
+    line_punct_thr: float = 0.12
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class LanguageConfig(_Strict):
+    # FineWeb keeps English at fastText score >= 0.65; py3langid ships its model in the wheel.
+    enabled: bool = True
+    languages: list[str] = ["en"]
+    min_score: float = 0.65
+    max_chars: int = 10_000  # classify the first N characters: linear cost, same answer in practice
+
+
+class FiltersConfig(_Strict):
+    language: LanguageConfig = LanguageConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    c4: C4Config = C4Config()
+    fineweb: FineWebConfig = FineWebConfig()
+
+
+class ExactDedupConfig(_Strict):
+    enabled: bool = True
+
+
+class MinHashConfig(_Strict):
+    # 5-gram word shingles, 14 bands x 8 rows = 112 permutations: the S-curve
+    # 1-(1-s^8)^14 crosses 0.5 at s~0.72 and passes 0.92 at s=0.8 (FineWeb/datatrove use
+    # the same 14x8). Candidate pairs are then verified on the signatures so that LSH
+    # false positives (a band collision at low similarity) are never merged.
+    enabled: bool = True
+    ngram: int = Field(default=5, ge=1)
+    bands: int = Field(default=14, ge=1)
+    rows: int = Field(default=8, ge=1)
+    threshold: float = Field(default=0.7, gt=0, le=1, description="min estimated Jaccard of a verified pair")
+    seed: int = 1
+    partitions: int = Field(default=16, ge=1, description="dedup partitions written to disk and clustered independently")
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+
+class TokenizerConfig(_Strict):
+    vocab_size: int = Field(default=32000, ge=300)
+    sample_bytes: int = Field(default=1 << 30, gt=0, description="deterministic training sample size")
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    character_coverage: float = 0.99995
+    user_defined_symbols: list[str] = []
+    max_sentence_length: int = 16384
+    seed: int = 1
+    threads: int | None = None
+    existing_model: str | None = Field(default=None, description="use this tokenizer.model instead of training")
+
+
+class ShardsConfig(_Strict):
+    target_bytes: int = Field(default=256 << 20, gt=0)
+    validation_fraction: float = Field(default=0.01, ge=0, lt=1)
+    add_bos: bool = True
+    add_eos: bool = True
+    split_seed: int = 0
+
+
+class OutputConfig(_Strict):
+    write_removed: bool = False  # write removed documents with their reasons to OUT/removed/
+
+
+class ExecutorConfig(_Strict):
+    type: Literal["local", "ray"] = "local"
+    workers: int | None = Field(default=None, ge=1, description="local: processes (default: all cores)")
+    ray_address: str | None = None
+
+
+class PrepConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    read: ReadConfig = ReadConfig()
+    clean: CleanConfig = CleanConfig()
+    filters: FiltersConfig = FiltersConfig()
+    exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    minhash: MinHashConfig = MinHashConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    shards: ShardsConfig = ShardsConfig()
+    output: OutputConfig = OutputConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+    @model_validator(mode="after")
+    def _unique_sources(self):
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    def resolved(self) -> dict:
+        """The config as it ran: what the manifest records and what resume compares.
+
+        The executor is left out: where the work ran does not change the output.
+        """
+        d = self.model_dump(mode="json", exclude={"executor"})
+        for s in d["sources"]:
+            if s["type"] == "site_packages" and not s["paths"]:
+                s["paths"] = [site_packages_dir()]
+        return d
+
+    def sha256(self) -> str:
+        return hashlib.sha256(canonical_json(self.resolved()).encode()).hexdigest()
+
+
+def site_packages_dir() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None) -> PrepConfig:
+    """Load and validate; a ConfigError names the file and the field ('sources.0.type: ...')."""
+    if path is None:
+        path = DEMO_CONFIG
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    try:
+        return PrepConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{path}: field '{field}': {err['msg']}{more}") from None
+
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"

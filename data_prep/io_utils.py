@@ -1,0 +1,51 @@
+"""Write-then-rename helpers: a file or directory under its final name is always complete."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary directory to its final name (a task's completion marker)."""
+    if final.exists():  # a previous attempt finished after all: identical content
+        shutil.rmtree(tmp)
+        return
+    os.rename(tmp, final)
+
+
+def clean_stale_tmp(directory: Path) -> None:
+    """Remove temporaries that a killed run left behind."""
+    if not directory.exists():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(".") and ".tmp" in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

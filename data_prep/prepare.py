@@ -1,0 +1,168 @@
+"""Prepare task: read -> clean -> filter -> exact hash + MinHash, for one input task.
+
+Output, written into a temporary directory renamed to prepare/task-NNNNN when complete (the
+rename is the task's completion marker):
+  docs.arrow      surviving documents: gid, id, text (Arrow IPC stream)
+  sigs.npy        MinHash signatures, row i = document i of docs.arrow (gid in gids.npy)
+  exact-PPP.npy   text hashes by partition;  bands-PPP.npy  LSH band keys by partition
+  rejected.jsonl  every bad-input and filtered record: file, line, outcome, reason
+  removed.jsonl   (output.write_removed) the same with the removed text
+  stats.json      this task's counters
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.clean import Cleaner
+from data_prep.config import PrepConfig
+from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, partition_of, split_by_partition
+from data_prep.filters import build_filters
+from data_prep.io_utils import commit_dir
+from data_prep.minhash import EMPTY, MinHasher, band_keys
+from data_prep.plan import Task
+from data_prep.readers import read_file
+from data_prep.records import BAD_INPUT, FILTERED, Record
+from data_prep.stats import Histogram
+
+DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.large_string())])
+BATCH_DOCS = 2048
+
+
+def exact_key(text: str) -> bytes:
+    # Normalised for exact dedup: case and whitespace differences are the same document.
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class _Batch:
+    def __init__(self):
+        self.gids: list[int] = []
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+
+    def add(self, gid: int, rec: Record):
+        self.gids.append(gid)
+        self.ids.append(rec.id)
+        self.texts.append(rec.text)
+
+
+def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
+    final = prepare_dir / f"task-{task.index:05d}"
+    if final.exists():
+        return json.loads((final / "stats.json").read_text())
+    tmp = prepare_dir / f".task-{task.index:05d}.tmp{__import__('os').getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    src = next(s for s in cfg.sources if s.name == task.source)
+    cleaner = Cleaner(cfg.clean, html=src.html)
+    filters = build_filters(cfg.filters)
+    hasher = MinHasher(cfg.minhash.num_perm, cfg.minhash.seed) if cfg.minhash.enabled else None
+    P = cfg.minhash.partitions
+
+    counts: Counter = Counter()  # outcome -> records
+    nbytes: Counter = Counter()
+    reasons: Counter = Counter()  # "bad_input:invalid_utf8", "filtered:gopher_quality:stop_words"
+    stage_in: Counter = Counter()
+    chars_hist = Histogram()
+    rejected = open(tmp / "rejected.jsonl", "w")
+    removed = open(tmp / "removed.jsonl", "w") if cfg.output.write_removed else None
+    writer = pa.ipc.new_stream(str(tmp / "docs.arrow"), DOCS_SCHEMA)
+    exact_rows, band_rows, sig_blocks, gid_blocks = [], [], [], []
+    batch = _Batch()
+
+    def flush():
+        if not batch.gids:
+            return
+        gids = np.array(batch.gids, dtype=np.uint64)
+        gid_blocks.append(gids)
+        writer.write_batch(pa.record_batch([pa.array(gids), pa.array(batch.ids, pa.string()),
+                                            pa.array(batch.texts, pa.large_string())], schema=DOCS_SCHEMA))
+        if cfg.exact_dedup.enabled:
+            keys = np.frombuffer(b"".join(exact_key(t) for t in batch.texts), dtype="<u8").reshape(-1, 2)
+            rows = np.empty(len(gids), dtype=EXACT_DTYPE)
+            rows["hi"], rows["lo"], rows["gid"] = keys[:, 0], keys[:, 1], gids
+            exact_rows.append(rows)
+        if hasher is not None:
+            sigs = hasher(batch.texts, cfg.minhash.ngram)
+            sig_blocks.append(sigs)
+            keep = sigs[:, 0] != EMPTY  # documents shorter than one shingle take no part in LSH
+            keys = band_keys(sigs[keep], cfg.minhash.bands, cfg.minhash.rows)
+            rows = np.empty(keys.size, dtype=BAND_DTYPE)
+            rows["key"] = keys.ravel()
+            rows["gid"] = np.repeat(gids[keep], cfg.minhash.bands)
+            band_rows.append(rows)
+        batch.__init__()
+
+    def reject(rec: Record, outcome: str, reason: str):
+        counts[outcome] += 1
+        nbytes[outcome] += rec.nbytes
+        reasons[f"{outcome}:{reason}"] += 1
+        row = {"file": rec.file, "line": rec.line, "id": rec.id, "outcome": outcome, "reason": reason}
+        rejected.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if removed is not None:
+            removed.write(json.dumps({**row, "text": rec.text}, ensure_ascii=False) + "\n")
+
+    ordinal = 0
+    for path in task.files:
+        rel = str(Path(path).relative_to(task.root)) if path.startswith(task.root) else path
+        rel = f"{task.source}/{rel}"
+        for rec in read_file(task.kind, path, rel, src.text_field, src.id_field, cfg.read.max_doc_bytes):
+            gid = task.gid(ordinal)
+            ordinal += 1
+            counts["input"] += 1
+            nbytes["input"] += rec.nbytes
+            if rec.bad is not None:
+                reject(rec, BAD_INPUT, rec.bad)
+                continue
+            if cleaner(rec) is not None:
+                reject(rec, BAD_INPUT, "empty")
+                continue
+            reason = None
+            for f in filters:
+                stage_in[f.name] += 1
+                r = f(rec)
+                if r is not None:
+                    reason = f"{f.name}:{r}"
+                    break
+            if reason is not None:
+                reject(rec, FILTERED, reason)
+                continue
+            counts["passed_filters"] += 1
+            nbytes["passed_filters"] += len(rec.text.encode("utf-8", "surrogatepass"))
+            chars_hist.add(len(rec.text))
+            batch.add(gid, rec)
+            if len(batch.gids) >= BATCH_DOCS:
+                flush()
+    flush()
+    writer.close()
+    rejected.close()
+    if removed is not None:
+        removed.close()
+    if cfg.exact_dedup.enabled:
+        rows = np.concatenate(exact_rows) if exact_rows else np.empty(0, dtype=EXACT_DTYPE)
+        for p, part in enumerate(split_by_partition(rows, partition_of(rows["hi"], P), P)):
+            if len(part):
+                np.save(tmp / f"exact-{p:03d}.npy", part)
+    if hasher is not None:
+        sigs = np.concatenate(sig_blocks) if sig_blocks else np.empty((0, cfg.minhash.num_perm), dtype=np.uint32)
+        np.save(tmp / "sigs.npy", sigs)
+        np.save(tmp / "gids.npy", np.concatenate(gid_blocks) if gid_blocks else np.empty(0, dtype=np.uint64))
+        rows = np.concatenate(band_rows) if band_rows else np.empty(0, dtype=BAND_DTYPE)
+        for p, part in enumerate(split_by_partition(rows, partition_of(rows["key"], P), P)):
+            if len(part):
+                np.save(tmp / f"bands-{p:03d}.npy", part)
+    stats = {
+        "task": task.index, "source": task.source, "input_bytes": task.bytes,
+        "records": dict(sorted(counts.items())), "bytes": dict(sorted(nbytes.items())),
+        "reasons": dict(sorted(reasons.items())), "filter_inputs": dict(stage_in.items()),  # in the order the filters run
+        "chars_hist": chars_hist.to_json(),
+    }
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
+    commit_dir(tmp, final)
+    return stats

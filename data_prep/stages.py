@@ -1,0 +1,274 @@
+"""A prep run is a list of stages; each stage is a list of tasks handed to an executor.
+
+    prepare -> exact_dedup -> near_dedup -> merge_dedup -> train_tokenizer -> tokenize -> finalize
+
+Every task checks its completion marker first, so running the same command again after a
+kill redoes only unfinished tasks, and every output is a deterministic function of the
+config and the input: a resumed run is byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import dedup
+from data_prep.config import PrepConfig, canonical_json
+from data_prep.io_utils import atomic_write_bytes, atomic_write_text, clean_stale_tmp
+from data_prep.plan import Task, load_plan, make_plan, save_plan
+from data_prep.prepare import run_prepare
+from data_prep.shards import build_manifest, run_tokenize
+from data_prep.stats import aggregate, dump, write_plots, write_summary
+
+
+class StageError(RuntimeError):
+    pass
+
+
+@dataclass
+class Context:
+    cfg: PrepConfig
+    out: Path
+    plan: list[Task]
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    @property
+    def prepare_dir(self) -> Path:
+        return self.work / "prepare"
+
+    @property
+    def dedup_dir(self) -> Path:
+        return self.work / "dedup"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.out / "tokenizer"
+
+    @property
+    def model_file(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.model"
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.out / "shards"
+
+    def task_dirs(self) -> list[Path]:
+        return [self.prepare_dir / f"task-{t.index:05d}" for t in self.plan]
+
+    def locate(self, gid: int) -> str:
+        """A document's id, for reports ("which copy survived")."""
+        import pyarrow as pa
+
+        task, ordinal = gid >> 32, gid & 0xFFFFFFFF
+        path = self.prepare_dir / f"task-{task:05d}" / "docs.arrow"
+        for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
+            g = batch.column("gid").to_numpy()
+            hit = np.flatnonzero(g == gid)
+            if len(hit):
+                return batch.column("id")[int(hit[0])].as_py()
+        return f"task-{task}:{ordinal}"
+
+
+def open_context(cfg: PrepConfig, out: Path) -> Context:
+    """Create OUT/work, or check that an existing one was made by the same config."""
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_file = work / "config.json"
+    resolved = canonical_json(cfg.resolved())
+    if cfg_file.exists():
+        if cfg_file.read_text() != resolved:
+            raise StageError(f"{out}: was prepared with a different config ({cfg_file}); use a new --out")
+    else:
+        atomic_write_text(cfg_file, resolved)
+    plan_file = work / "plan.json"
+    if not plan_file.exists():
+        save_plan(make_plan(cfg), plan_file)
+    for d in (work / "prepare", work / "dedup", work / "tokenize", out / "shards", out / "tokenizer", out):
+        clean_stale_tmp(d)
+    return Context(cfg, out, load_plan(plan_file))
+
+
+def _require(ctx: Context, paths: list[Path], before: str) -> None:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise StageError(f"{len(missing)} of {len(paths)} outputs of '{before}' are missing "
+                         f"(first: {missing[0]}); run `python -m data_prep {before}` first")
+
+
+# ---- stage task functions (module level: executors pickle them) ----
+
+def _prepare(ctx: Context, task: Task) -> dict:
+    return run_prepare(ctx.cfg, task, ctx.prepare_dir)
+
+
+def _exact(ctx: Context, p: int) -> int:
+    out = ctx.dedup_dir / f"exact-{p:03d}.npy"
+    if not out.exists():
+        _save_npy(out, dedup.exact_pairs(ctx.task_dirs(), p))
+    return p
+
+
+def _near(ctx: Context, p: int) -> int:
+    out = ctx.dedup_dir / f"near-{p:03d}.npy"
+    if not out.exists():
+        store = dedup.SignatureStore(ctx.prepare_dir)
+        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold))
+    return p
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _tokenize(ctx: Context, task: Task) -> dict:
+    return run_tokenize(ctx.cfg, task, ctx.work, ctx.shard_dir, ctx.model_file, ctx.locate)
+
+
+class Stage:
+    name = ""
+    command = ""  # the CLI command that runs it
+
+    def run(self, ctx: Context, ex) -> None:
+        raise NotImplementedError
+
+
+class Prepare(Stage):
+    name, command = "prepare", "prepare"
+
+    def run(self, ctx, ex):
+        ex.map("read+clean+filter", partial(_prepare, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")
+
+
+class ExactDedup(Stage):
+    name, command = "exact_dedup", "dedup"
+
+    def run(self, ctx, ex):
+        _require(ctx, ctx.task_dirs(), "prepare")
+        if ctx.cfg.exact_dedup.enabled:
+            ex.map("exact dedup", partial(_exact, ctx), list(range(ctx.cfg.minhash.partitions)))
+
+
+class NearDedup(Stage):
+    name, command = "near_dedup", "dedup"
+
+    def run(self, ctx, ex):
+        _require(ctx, ctx.task_dirs(), "prepare")
+        if ctx.cfg.minhash.enabled:
+            ex.map("minhash dedup", partial(_near, ctx), list(range(ctx.cfg.minhash.partitions)))
+
+
+class MergeDedup(Stage):
+    name, command = "merge_dedup", "dedup"
+
+    def run(self, ctx, ex):
+        out = ctx.dedup_dir / "removed.npy"
+        if out.exists():
+            return
+        P = ctx.cfg.minhash.partitions
+        exact = [ctx.dedup_dir / f"exact-{p:03d}.npy" for p in range(P)] if ctx.cfg.exact_dedup.enabled else []
+        near = [ctx.dedup_dir / f"near-{p:03d}.npy" for p in range(P)] if ctx.cfg.minhash.enabled else []
+        _require(ctx, exact + near, "dedup")
+        ex_ = LocalSingle()
+        ex_.run("merge clusters", lambda: _save_npy(out, dedup.merge([np.load(f) for f in exact], [np.load(f) for f in near])))
+
+
+class LocalSingle:
+    """One job in this process, with the same kind of progress line as the executors."""
+
+    def run(self, label: str, fn):
+        from data_prep.executor import _bar
+
+        with _bar(label, 1, "job") as bar:
+            res = fn()
+            bar.update(1)
+        return res
+
+
+class TrainTokenizer(Stage):
+    name, command = "train_tokenizer", "train-tokenizer"
+
+    def run(self, ctx, ex):
+        from data_prep.tokenizer import export_hf, train_sentencepiece
+        from data_prep.sample import write_sample
+
+        tc = ctx.cfg.tokenizer
+        ctx.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        if not ctx.model_file.exists():
+            if tc.existing_model:
+                shutil.copyfile(tc.existing_model, ctx.model_file.with_name(".tokenizer.model.tmp"))
+                os.replace(ctx.model_file.with_name(".tokenizer.model.tmp"), ctx.model_file)
+            else:
+                _require(ctx, ctx.task_dirs() + [ctx.dedup_dir / "removed.npy"], "dedup")
+                sample = ctx.work / "tokenizer_sample.txt"
+                if not sample.exists():
+                    write_sample(ctx, sample)
+                threads = tc.threads or os.cpu_count() or 1
+                LocalSingle().run("train tokenizer", lambda: train_sentencepiece(sample, ctx.tokenizer_dir, tc, threads))
+        if not (ctx.tokenizer_dir / "tokenizer.json").exists():
+            LocalSingle().run("export HF files", lambda: export_hf(ctx.model_file, ctx.tokenizer_dir))
+
+
+class Tokenize(Stage):
+    name, command = "tokenize", "tokenize"
+
+    def run(self, ctx, ex):
+        _require(ctx, ctx.task_dirs(), "prepare")
+        _require(ctx, [ctx.model_file], "train-tokenizer")
+        if ctx.cfg.exact_dedup.enabled or ctx.cfg.minhash.enabled:
+            _require(ctx, [ctx.dedup_dir / "removed.npy"], "dedup")
+        ctx.shard_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.work / "tokenize").mkdir(parents=True, exist_ok=True)
+        ex.map("tokenize+shard", partial(_tokenize, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")
+
+
+class Finalize(Stage):
+    name, command = "finalize", "finalize"
+
+    def run(self, ctx, ex):
+        import sentencepiece as spm
+
+        tok_markers = [ctx.work / "tokenize" / f"task-{t.index:05d}.json" for t in ctx.plan]
+        _require(ctx, tok_markers, "tokenize")
+        prep = [json.loads((d / "stats.json").read_text()) for d in ctx.task_dirs()]
+        toks = [json.loads(p.read_text()) for p in tok_markers]
+        sp = spm.SentencePieceProcessor(model_file=str(ctx.model_file))
+        vocab = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+                 "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
+        stats = aggregate(prep, toks)
+        stats["splits"] = {s: {k: sum(t["splits"][s][k] for t in toks) for k in ("documents", "tokens")} for s in ("train", "validation")}
+        stats["bad_input_examples"] = _examples(ctx, 20)
+        if not stats["accounting"]["ok"]:
+            raise StageError(f"accounting does not add up: {stats['accounting']}")
+        write_plots(stats, ctx.out / "plots")
+        atomic_write_text(ctx.out / "stats.json", dump(stats))
+        atomic_write_text(ctx.out / "summary.md", write_summary(stats, ctx.out))
+        atomic_write_text(ctx.shard_dir / "manifest.json", dump(build_manifest(ctx.cfg, toks, ctx.model_file, vocab)))
+
+
+def _examples(ctx: Context, limit: int) -> list[dict]:
+    out = []
+    for d in ctx.task_dirs():
+        with open(d / "rejected.jsonl") as f:
+            for line in f:
+                row = json.loads(line)
+                if row["outcome"] == "bad_input":
+                    out.append({k: row[k] for k in ("file", "line", "reason")})
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
+STAGES: list[Stage] = [Prepare(), ExactDedup(), NearDedup(), MergeDedup(), TrainTokenizer(), Tokenize(), Finalize()]

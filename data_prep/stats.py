@@ -1,0 +1,161 @@
+"""Accounting: merge per-task counters into stats.json, check that the outcomes add up to
+the input records, and write a readable summary with PNG plots of the main distributions."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+from data_prep.records import OUTCOMES
+
+
+class Histogram:
+    """Log-scale histogram (4 bins per power of two) that merges by adding counts, so each
+    task keeps a few hundred numbers instead of one per document."""
+
+    def __init__(self, counts: dict[int, int] | None = None):
+        self.counts: Counter = Counter(counts or {})
+
+    def add(self, value: int) -> None:
+        self.counts[0 if value <= 0 else int(math.log2(value) * 4) + 1] += 1
+
+    def add_many(self, values) -> None:
+        for v in values:
+            self.add(int(v))
+
+    def merge(self, other: "Histogram") -> None:
+        self.counts.update(other.counts)
+
+    def to_json(self) -> dict[str, int]:
+        return {str(k): v for k, v in sorted(self.counts.items())}
+
+    @classmethod
+    def from_json(cls, d: dict[str, int]) -> "Histogram":
+        return cls({int(k): v for k, v in d.items()})
+
+    def edges(self) -> list[tuple[float, int]]:
+        return [(0.0 if k == 0 else 2 ** ((k - 1) / 4), v) for k, v in sorted(self.counts.items())]
+
+
+def _add(a: dict, b: dict) -> None:
+    for k, v in b.items():
+        a[k] = a.get(k, 0) + v
+
+
+def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20) -> dict:
+    records: dict = {}
+    nbytes: dict = {}
+    reasons: dict = {}
+    filter_inputs: dict = {}
+    per_source: dict = {}
+    chars, tokens = Histogram(), Histogram()
+    for p, t in zip(prepare, tokenize):
+        rec = {k: v for k, v in p["records"].items() if k != "passed_filters"}
+        _add(rec, t["records"])
+        byt = {k: v for k, v in p["bytes"].items() if k != "passed_filters"}
+        _add(byt, t["bytes"])
+        _add(records, rec)
+        _add(nbytes, byt)
+        _add(reasons, p["reasons"])
+        _add(filter_inputs, p["filter_inputs"])
+        src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0})
+        _add(src["records"], rec)
+        _add(src["bytes"], byt)
+        src["tokens"] += t["tokens"]
+        chars.merge(Histogram.from_json(p["chars_hist"]))
+        tokens.merge(Histogram.from_json(t["tokens_hist"]))
+    for o in OUTCOMES:
+        records.setdefault(o, 0)
+        nbytes.setdefault(o, 0)
+    outcomes = sum(records[o] for o in OUTCOMES)
+    ok = outcomes == records.get("input", 0)
+    for s in per_source.values():
+        s["accounting_ok"] = sum(s["records"].get(o, 0) for o in OUTCOMES) == s["records"].get("input", 0)
+    return {
+        "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok},
+        "records": dict(sorted(records.items())),
+        "bytes": dict(sorted(nbytes.items())),
+        "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
+        "reasons": dict(sorted(reasons.items())),
+        "stages": _stage_table(records, reasons, filter_inputs),
+        "sources": dict(sorted(per_source.items())),
+        "histograms": {"document_chars": chars.to_json(), "document_tokens": tokens.to_json()},
+    }
+
+
+def _stage_table(records: dict, reasons: dict, filter_inputs: dict) -> list[dict]:
+    rows = []
+    docs = records.get("input", 0)
+    read_bad = sum(v for k, v in reasons.items() if k.startswith("bad_input:") and k != "bad_input:empty")
+    rows.append({"stage": "read", "in": docs, "removed": read_bad})
+    docs -= read_bad
+    rows.append({"stage": "clean", "in": docs, "removed": reasons.get("bad_input:empty", 0)})
+    docs -= rows[-1]["removed"]
+    for name, n in filter_inputs.items():
+        removed = sum(v for k, v in reasons.items() if k.startswith(f"filtered:{name}:"))
+        rows.append({"stage": f"filter:{name}", "in": n, "removed": removed})
+    docs = records.get("kept", 0) + records.get("exact_duplicate", 0) + records.get("near_duplicate", 0)
+    rows.append({"stage": "exact_dedup", "in": docs, "removed": records.get("exact_duplicate", 0)})
+    docs -= records.get("exact_duplicate", 0)
+    rows.append({"stage": "near_dedup", "in": docs, "removed": records.get("near_duplicate", 0)})
+    for r in rows:
+        r["out"] = r["in"] - r["removed"]
+    return rows
+
+
+def write_summary(stats: dict, out: Path) -> str:
+    lines = ["# Data prep summary", ""]
+    acc = stats["accounting"]
+    lines.append(f"Input records: {acc['input_records']:,}; outcomes add up: {'yes' if acc['ok'] else 'NO'}")
+    lines += ["", "| outcome | records | bytes |", "|---|---:|---:|"]
+    for o in OUTCOMES:
+        lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
+    lines += ["", f"Kept tokens: {stats['tokens']['kept']:,}", "", "| stage | in | removed | out |", "|---|---:|---:|---:|"]
+    for r in stats["stages"]:
+        lines.append(f"| {r['stage']} | {r['in']:,} | {r['removed']:,} | {r['out']:,} |")
+    lines += ["", "| source | input | kept | bytes kept | tokens |", "|---|---:|---:|---:|---:|"]
+    for name, s in stats["sources"].items():
+        lines.append(f"| {name} | {s['records'].get('input', 0):,} | {s['records'].get('kept', 0):,} | "
+                     f"{s['bytes'].get('kept', 0):,} | {s['tokens']:,} |")
+    lines += ["", "| removal reason | records |", "|---|---:|"]
+    for k, v in sorted(stats["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {k} | {v:,} |")
+    lines += ["", "Plots: plots/outcomes.png, plots/document_chars.png, plots/document_tokens.png", ""]
+    text = "\n".join(lines)
+    return text
+
+
+def write_plots(stats: dict, plot_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"Software": None}  # no version string: plots stay byte-identical across reruns
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(OUTCOMES)
+    ax.barh(names, [stats["records"][o] for o in names], color="#4477aa")
+    ax.set_xlabel("records")
+    ax.set_title("Outcome of every input record")
+    fig.tight_layout()
+    fig.savefig(plot_dir / "outcomes.png", metadata=meta)
+    plt.close(fig)
+    for key, label in (("document_chars", "characters per document (after filters)"),
+                       ("document_tokens", "tokens per kept document")):
+        h = Histogram.from_json(stats["histograms"][key]).edges()
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        if h:
+            xs, ys = zip(*h)
+            ax.bar(xs, ys, width=[max(x * 0.18, 0.5) for x in xs], align="edge", color="#228833")
+            ax.set_xscale("symlog")
+        ax.set_xlabel(label)
+        ax.set_ylabel("documents")
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{key}.png", metadata=meta)
+        plt.close(fig)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
