@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
+from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
 
 
@@ -90,12 +91,13 @@ class Checkpoints:
         f = self.root / "latest"
         return f.read_text().strip() if f.exists() else None
 
-    def save(self, engine, step: int, client_state: dict, profile_dict: dict) -> str:
+    def save(self, engine, step: int, client_state: dict, profile_dict: dict, faults: FaultInjection) -> str:
         tag = f"global_step{step}"
         rank = torch.distributed.get_rank()
         engine.save(str(self.root), tag, client_state)
         if rank == 0:
             (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+        faults.maybe_die_in_save(step)
         torch.distributed.barrier()
         if rank == 0:
             tmp = self.root / "latest.tmp"
@@ -167,6 +169,9 @@ def main(argv=None) -> int:
     device_kind, peak = detect_peak_flops()
     metrics = MetricsWriter(out, enabled=rank == 0)
     preempt = Preemption()
+    faults = FaultInjection.from_env()
+    skips = SkipTracker(t.max_consecutive_skips, already_skipped=engine.skipped_steps)
+    spikes = LossSpikeDetector()
     if rank == 0:
         print(f"training {profile.model.num_params() / 1e6:.2f}M parameters | engine {profile.topology.engine} | "
               f"world {world} (data-parallel {dp}) | batch {gbs} × {profile.data.seq_len} tokens | "
@@ -178,15 +183,18 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     step = start_step
     while step < t.steps:
-        loss = all_ranks_mean(engine.train_step(micro_batches(train_samples, step)))
+        loss = all_ranks_mean(engine.train_step(micro_batches(train_samples, step), poison=step + 1 in faults.nan_steps))
         step += 1
+        skipped = skips.update(engine.skipped_steps)
+        spike = spikes.update(loss)
         elapsed = time.perf_counter() - tic
         tic = time.perf_counter()
         tokens_per_s = profile.tokens_per_step / elapsed
         tflops_per_dev = fpt * tokens_per_s / world / 1e12
         values = {"train/loss": loss, "train/lr": engine.lr, "perf/tokens_per_s": tokens_per_s,
                   "perf/tflops_per_device": tflops_per_dev, "perf/step_time_s": elapsed,
-                  "data/consumed_samples": step * gbs}
+                  "data/consumed_samples": step * gbs, "train/skipped_steps": skips.total,
+                  "train/loss_spikes": spikes.spikes}
         if engine.grad_norm is not None:
             values["train/grad_norm"] = engine.grad_norm
         if peak:
@@ -197,6 +205,11 @@ def main(argv=None) -> int:
             losses = [engine.eval_loss(micro_batches(val_samples, b)) for b in range(t.eval_batches)]
             values["val/loss"] = all_ranks_mean(sum(losses) / len(losses))
         metrics.log(step, values)
+        if rank == 0 and skipped:
+            print(f"step {step}: skipped (non-finite loss or gradient norm; loss {loss}); "
+                  f"{skips.consecutive} in a row, {skips.total} in total", flush=True)
+        if rank == 0 and spike:
+            print(f"step {step}: loss spike {loss:.4f} (spike #{spikes.spikes})", flush=True)
         if rank == 0 and (step % t.log_every == 0 or step == t.steps or step == start_step + 1):
             line = (f"step {step}/{t.steps} | loss {loss:.4f} | lr {engine.lr:.2e} | "
                     f"gnorm {values.get('train/grad_norm', float('nan')):.3f} | {tokens_per_s:,.0f} tok/s | "
@@ -207,11 +220,20 @@ def main(argv=None) -> int:
                 line += f" | val {values['val/loss']:.4f}"
             print(line, flush=True)
         stop = all_ranks_any(preempt.requested)
-        if stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        if stop or skips.exhausted or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            # After skipped steps the weights are still those from before the trouble.
             client_state = {"step": step, "consumed_samples": step * gbs}
-            saved = ckpts.save(engine, step, client_state, profile_dict)
+            saved = ckpts.save(engine, step, client_state, profile_dict, faults)
             if rank == 0:
                 print(f"checkpoint {ckpts.root / saved}", flush=True)
+        if skips.exhausted:
+            if rank == 0:
+                print(f"error: {skips.consecutive} consecutive steps had a non-finite loss or gradient norm "
+                      f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopped at step {step}. The weights "
+                      f"in {ckpts.root / ckpts.latest()} are those from before step {step - skips.consecutive + 1}; "
+                      "lower train.lr or inspect the data, then resume with --resume auto", file=sys.stderr, flush=True)
+            metrics.close()
+            return 3
         if stop:
             if rank == 0:
                 print(f"preempted: stopped after step {step}; resume with --resume auto", flush=True)

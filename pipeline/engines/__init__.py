@@ -1,10 +1,10 @@
 """DeepSpeed engines. Each takes the plain model of `pipeline/model.py` and wraps it.
 
 An engine offers the same few calls to the training loop:
-    train_step(micro_batches) -> mean loss of this rank's micro-batches (a float)
+    train_step(micro_batches, poison=False) -> mean loss of this rank's micro-batches (a float)
     eval_loss(micro_batches)  -> mean loss, no gradients
     save(dir, tag, client_state) / load(dir, tag) -> client_state
-    lr, grad_norm, module_state_dict()
+    lr, grad_norm, skipped_steps (optimizer steps DeepSpeed discarded for a non-finite gradient norm), dp_rank
 """
 
 from pipeline.config import Profile

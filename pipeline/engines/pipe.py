@@ -89,19 +89,33 @@ class PipelineEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self.device = self.engine.device
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        self._poison = False
+        module.loss_fn = self._loss  # runs on the last stage
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = causal_lm_loss(logits, labels)
+        return loss * float("nan") if self._poison else loss  # fault injection (pipeline/faults.py)
 
     def _iter(self, micro_batches):
         for x, y in micro_batches:
             yield torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
-    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], poison: bool = False) -> float:
         # train_batch runs every micro-batch through the pipeline schedule and steps the optimizer;
         # the returned loss is the micro-batch mean, already shared by all stages.
-        return float(self.engine.train_batch(data_iter=self._iter(micro_batches)))
+        self._poison = poison
+        try:
+            return float(self.engine.train_batch(data_iter=self._iter(micro_batches)))
+        finally:
+            self._poison = False
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
         return float(self.engine.eval_batch(data_iter=self._iter(micro_batches)))
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
 
     @property
     def lr(self) -> float:

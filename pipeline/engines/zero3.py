@@ -29,11 +29,13 @@ class Zero3Engine:
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 
-    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], poison: bool = False) -> float:
         self.engine.train()
         total = 0.0
         for x, y in micro_batches:
             loss = causal_lm_loss(self.engine(self._to(x)), self._to(y))
+            if poison:  # fault injection (pipeline/faults.py)
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
             total += loss.item()
@@ -44,6 +46,10 @@ class Zero3Engine:
         self.engine.eval()
         losses = [causal_lm_loss(self.engine(self._to(x)), self._to(y)).item() for x, y in micro_batches]
         return sum(losses) / len(losses)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
 
     @property
     def lr(self) -> float:
