@@ -7,14 +7,13 @@ permutation of the q/k projections (unlike Meta's original interleaved checkpoin
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from pipeline.model import ModelConfig
 
 _LAYER_MAP = {
@@ -125,50 +124,82 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def write_safetensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 10**9
-) -> dict:
-    """Write Hugging Face-named tensors as `model-0000k-of-0000n.safetensors` plus the index.
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    Consumes `tensors` lazily and holds at most one shard's worth in memory at a time, so a
-    caller that yields one layer at a time keeps peak memory near one shard plus one layer.
-    Returns the index dict.
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: str, max_shard_bytes: int | None) -> list[list[str]]:
+    """Names per output file, in order: a file is closed before the tensor that would overflow it
+    (the rule of transformers' `save_pretrained`); one file when max_shard_bytes is None."""
+    size = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * size
+        if max_shard_bytes is not None and shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def _header(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> bytes:
+    size = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        end = offset + math.prod(shapes[name]) * size
+        header[name] = {"dtype": _ST_DTYPES[_DTYPES[dtype]], "shape": list(shapes[name]), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_safetensors(
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int | None = 5 * 10**9,
+) -> dict:
+    """Write `tensors` as `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`
+    (or one `model.safetensors` when max_shard_bytes is None).
+
+    `shapes` announces every name and shape up front, in the order `tensors` yields them, so each
+    file's header is written first and every tensor goes to disk as soon as it arrives: memory
+    holds one tensor at a time, not a shard. Returns the index dict.
     """
     out_dir = Path(out_dir)
     target = _DTYPES[dtype]
-    shards: list[list[str]] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if not current:
-            return
-        tmp_name = f"shard-{len(shards):05d}.tmp.safetensors"
-        save_file(current, str(out_dir / tmp_name), metadata={"format": "pt"})
-        shards.append(list(current))
-        current, current_bytes = {}, 0
-
-    for name, t in tensors:
-        t = t.detach().to("cpu", target).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if current and current_bytes + nbytes > max_shard_bytes:
-            flush()
-        current[name] = t
-        current_bytes += nbytes
-        total += nbytes
-    flush()
-
+    shards = plan_shards(shapes, dtype, max_shard_bytes)
     n = len(shards)
-    for i, names in enumerate(shards):
-        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(out_dir / f"shard-{i:05d}.tmp.safetensors", out_dir / final)
-        for name in names:
-            weight_map[name] = final
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    if n > 1:
+    files = ["model.safetensors"] if max_shard_bytes is None else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    it = iter(tensors)
+    for names, fname in zip(shards, files):
+        tmp = out_dir / f".{fname}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(_header(names, shapes, dtype))
+            for want in names:
+                got = next(it, None)
+                if got is None or got[0] != want:
+                    raise ValueError(f"tensor stream: expected {want!r}, got {got and got[0]!r}")
+                t = got[1].detach().to("cpu", target).contiguous()
+                if tuple(t.shape) != tuple(shapes[want]):
+                    raise ValueError(f"tensor {want!r}: shape {tuple(t.shape)}, expected {tuple(shapes[want])}")
+                f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+                weight_map[want] = fname
+                del got, t
+        os.replace(tmp, out_dir / fname)
+    extra = next(it, None)
+    if extra is not None:
+        raise ValueError(f"tensor stream: unexpected extra tensor {extra[0]!r}")
+    size = torch.empty((), dtype=target).element_size()
+    index = {"metadata": {"total_size": sum(math.prod(s) * size for s in shapes.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    if max_shard_bytes is not None:
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
@@ -180,6 +211,25 @@ def hf_tensors(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor
         yield to_hf_name(name), t
 
 
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes, in model order (embedding, blocks, final norm, head)."""
+    from pipeline.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def _in_order(state: dict[str, torch.Tensor], names) -> Iterator[tuple[str, torch.Tensor]]:
+    extra = sorted(set(state) - set(names))
+    if extra:
+        raise KeyError(f"parameter(s) {extra[:5]} are not part of this model")
+    for name in names:
+        if name not in state:
+            raise KeyError(f"parameter {name!r} missing")
+        yield name, state[name]
+
+
 def save_hf_model(
     state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     cfg: ModelConfig,
@@ -189,35 +239,106 @@ def save_hf_model(
     bos_id: int = 1,
     eos_id: int = 2,
 ) -> None:
-    """Write config.json, generation_config.json and safetensors weights into `out_dir` (must exist)."""
+    """Write config.json, generation_config.json and safetensors weights into `out_dir` (must exist).
+
+    `state` is a state dict (our names) or an iterator yielding our names in model order, which
+    is what the checkpoint readers of `pipeline/checkpoint_io.py` produce: then only one tensor is
+    in memory at a time.
+    """
     out_dir = Path(out_dir)
     (out_dir / "config.json").write_text(json.dumps(hf_config_dict(cfg, _DTYPE_NAMES[dtype], bos_id, eos_id), indent=2) + "\n")
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    write_safetensors(hf_tensors(state), out_dir, dtype, parse_size(max_shard_size))
+    shapes = model_shapes(cfg)
+    if isinstance(state, dict):
+        state = _in_order(state, list(shapes))
+    hf_shapes = {to_hf_name(n): s for n, s in shapes.items()}
+    write_safetensors(hf_shapes, hf_tensors(state), out_dir, dtype, parse_size(max_shard_size))
 
 
-def load_hf_state(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face LLaMA directory (safetensors only, no pickle) into our names."""
+def hf_weight_files(hf_dir: str | Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory, checked against its index."""
+    hf_dir = Path(hf_dir)
+    index_path = hf_dir / "model.safetensors.index.json"
+    present = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if index_path.exists():
+        try:
+            listed = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
+        missing = [f for f in listed if f not in present]
+        if missing:
+            raise FileNotFoundError(f"{hf_dir / missing[0]}: listed in model.safetensors.index.json but missing")
+        extra = [f for f in present if f not in listed]
+        if extra:
+            raise ValueError(f"{hf_dir / extra[0]}: weight file not listed in model.safetensors.index.json "
+                             "(left over from another model?)")
+        return [hf_dir / f for f in listed]
+    if present == ["model.safetensors"]:
+        return [hf_dir / "model.safetensors"]
+    if present:
+        raise ValueError(f"{hf_dir}: {len(present)} safetensors files but no model.safetensors.index.json")
+    if list(hf_dir.glob("*.bin")):
+        raise ValueError(f"{hf_dir}: only pickle (*.bin) weights; convert them to safetensors first "
+                         "(loading them would run arbitrary code from the file)")
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_safetensors(files: list[Path], rename=lambda n: n) -> Iterator[tuple[str, torch.Tensor]]:
+    """(renamed name, tensor) one at a time from safetensors files; duplicate names are an error."""
     from safetensors import safe_open
 
-    hf_dir = Path(hf_dir)
-    cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    index_path = hf_dir / "model.safetensors.index.json"
-    if index_path.exists():
-        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for f in files:
-        path = hf_dir / f
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: listed in the index but missing")
+    seen: set[str] = set()
+    for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a buffer some older exports carry; recomputed from rope_theta
-                state[from_hf_name(name)] = fh.get_tensor(name)
+                try:
+                    ours = rename(name)
+                except KeyError as e:
+                    raise KeyError(f"{path}: {e.args[0]}") from None
+                if ours in seen:
+                    raise ValueError(f"{path}: {name} appears in more than one weight file")
+                seen.add(ours)
+                yield ours, fh.get_tensor(name)
+
+
+def check_state(where: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Every parameter of `cfg` present with its shape, and nothing else."""
+    want = model_shapes(cfg)
+    missing = [n for n in want if n not in state]
+    if missing:
+        raise KeyError(f"{where}: parameter(s) {missing[:5]} missing")
+    extra = [n for n in state if n not in want]
+    if extra:
+        raise KeyError(f"{where}: parameter(s) {extra[:5]} are not part of the configured model")
+    for n, shape in want.items():
+        if tuple(state[n].shape) != shape:
+            raise ValueError(f"{where}: {n} has shape {tuple(state[n].shape)}, config.json implies {shape}")
+
+
+def load_hf_state(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face LLaMA directory (safetensors only, no pickle) into our names."""
+    hf_dir = Path(hf_dir)
+    cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    state = dict(iter_safetensors(hf_weight_files(hf_dir), from_hf_name))
+    check_state(str(hf_dir), state, cfg)
+    return cfg, state
+
+
+INIT_WEIGHTS, INIT_CONFIG = "model.safetensors", "model.json"
+
+
+def load_init_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The (config, fp32 state dict in our names) of an `--init-from` directory written by
+    `python -m pipeline.import_hf`; the trainer loads it into the model before step 0."""
+    path = Path(path)
+    cfg_file, weights = path / INIT_CONFIG, path / INIT_WEIGHTS
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing; --init-from expects a directory written by pipeline.import_hf")
+    cfg = ModelConfig(**json.loads(cfg_file.read_text()))
+    state = dict(iter_safetensors([weights]))
+    check_state(str(weights), state, cfg)
     return cfg, state

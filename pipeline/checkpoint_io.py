@@ -1,0 +1,278 @@
+"""Read the model weights out of DeepSpeed checkpoints, one layer at a time, without DeepSpeed.
+
+Two layouts, one per engine (see `pipeline/train.py` for the directory around them):
+
+ZeRO-3 (`topology.engine == "zero3"`), one pair of files per data-parallel rank R of W:
+
+    zero_pp_rank_R_mp_rank_00_model_states.pt   param_shapes: [OrderedDict(name → Size)] per
+                                                optimizer group, global_steps, dp_world_size, ...
+    zero_pp_rank_R_mp_rank_00_optim_states.pt   optimizer_state_dict.fp32_flat_groups: one flat
+                                                fp32 tensor per group, rank R's partitions
+
+    Parameters are laid out in `param_shapes` order across the concatenated groups; parameter p
+    of n elements owns ceil(n / W) elements of every rank's flat vector (DeepSpeed pads the last
+    rank), so its full value is the concatenation over ranks of the same slice, cut to n
+    (deepspeed/utils/zero_to_fp32.py, `_zero3_merge_trainable_params`, is the reference).
+
+Pipeline (`topology.engine == "pipeline"`, `PipelineModule.save_state_dict`):
+
+    layer_{idx:02d}-model_states.pt   idx 0: embedding, 1..L: block idx-1, L+1: final norm + head
+                                      (deepspeed/runtime/pipe/module.py, `ckpt_layer_path`)
+
+Files are opened with `torch.load(weights_only=True, mmap=True)`. The only non-tensor objects
+in them are two DeepSpeed classes in the optimizer files (`ZeroStageEnum`, `LossScaler`); they
+are mapped to an inert stand-in, so nothing from the file is executed and DeepSpeed need not be
+installed. A rank's optimizer file is re-opened for every layer and closed after it, so the
+pages of the memory map touched for one layer are released before the next: peak memory stays
+near one layer, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.hf import model_shapes
+from pipeline.model import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file."""
+
+
+class _Opaque:
+    """Inert stand-in for the few DeepSpeed objects pickled into checkpoint files."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_DEEPSPEED_GLOBALS = [
+    (_Opaque, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+]
+
+
+def load_file(path: Path) -> dict:
+    """torch.load with weights_only=True (plus the allow-list above) and a memory map."""
+    try:
+        with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:  # UnpicklingError, RuntimeError on a truncated zip, ...
+        raise CheckpointError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
+
+
+def layer_units(names) -> list[list[str]]:
+    """Group names into what a reader loads at once: the embedding, each block, the rest."""
+    units: dict[str, list[str]] = {}
+    for name in names:
+        m = re.match(r"^(layers\.\d+)\.", name)
+        units.setdefault(m.group(1) if m else name, []).append(name)
+    return list(units.values())
+
+
+def _check_names(where: str, have: dict, want: dict) -> None:
+    unknown = [n for n in have if n not in want]
+    if unknown:
+        raise CheckpointError(f"{where}: unknown parameter name(s) {unknown[:5]} for a LLaMA model")
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise CheckpointError(f"{where}: parameter(s) {missing[:5]} missing")
+    for n, shape in have.items():
+        if tuple(shape) != tuple(want[n]):
+            raise CheckpointError(f"{where}: {n} has shape {tuple(shape)} but profile.json's model needs {tuple(want[n])}")
+
+
+def _tag_step(tag_dir: Path) -> int | None:
+    m = re.fullmatch(r"global_step(\d+)", tag_dir.name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class _Slot:
+    """Where one parameter lives in every rank's concatenated flat fp32 vector."""
+
+    shape: torch.Size
+    offset: int
+    part: int  # elements per rank, ceil(numel / world)
+
+
+class Zero3Reader:
+    """The fp32 master weights of a ZeRO-3 checkpoint, merged from any number of ranks."""
+
+    MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+    OPTIM = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+    def __init__(self, tag_dir: Path, cfg: ModelConfig):
+        self.tag_dir = tag_dir
+        model_files, optim_files = self._rank_files(self.MODEL), self._rank_files(self.OPTIM)
+        if not model_files:
+            raise CheckpointError(f"{tag_dir}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+        states = [load_file(f) for f in model_files]
+        if "param_shapes" not in states[0]:
+            raise CheckpointError(f"{model_files[0]}: no param_shapes; not a ZeRO stage 3 checkpoint")
+        self.world = self._agree(states, "dp_world_size", model_files)
+        for kind, files in (("model-state", model_files), ("optimizer", optim_files)):
+            self._check_ranks(kind, files)
+        for key in ("global_steps", "global_samples", "ds_version", "param_shapes", "ds_config", "run_id"):
+            self._agree(states, key, model_files)
+        step = states[0].get("global_steps")
+        if _tag_step(tag_dir) not in (None, step):
+            raise CheckpointError(f"{model_files[0]}: saved at step {step} but lies in {tag_dir.name}; "
+                                  "files from different runs or steps")
+        if states[0].get("frozen_param_shapes"):
+            raise CheckpointError(f"{model_files[0]}: frozen parameters are not supported")
+        shapes = {n: s for group in states[0]["param_shapes"] for n, s in group.items()}
+        _check_names(str(model_files[0]), shapes, model_shapes(cfg))
+        self.step = step
+        self.optim_files = optim_files
+        self.slots: dict[str, _Slot] = {}
+        offset = 0
+        for name, shape in shapes.items():
+            part = math.ceil(shape.numel() / self.world)
+            self.slots[name] = _Slot(shape, offset, part)
+            offset += part
+        self._check_optim(offset)
+        self.order = list(model_shapes(cfg))
+
+    def _rank_files(self, pattern: re.Pattern) -> list[Path]:
+        found = {}
+        for f in self.tag_dir.iterdir():
+            m = pattern.match(f.name)
+            if m:
+                found[int(m.group(1))] = f
+        return [found[r] for r in sorted(found)]
+
+    def _check_ranks(self, kind: str, files: list[Path]) -> None:
+        ranks = [int(re.search(r"rank_(\d+)_mp", f.name).group(1)) for f in files]
+        missing = sorted(set(range(self.world)) - set(ranks))
+        extra = sorted(set(ranks) - set(range(self.world)))
+        if missing:
+            raise CheckpointError(f"{self.tag_dir}: {kind} file(s) of rank(s) {missing} missing "
+                                  f"(the checkpoint was saved by {self.world} ranks)")
+        if extra:
+            raise CheckpointError(f"{self.tag_dir}: extra {kind} file(s) of rank(s) {extra}, but the checkpoint was "
+                                  f"saved by {self.world} ranks; files from different runs?")
+
+    def _agree(self, states: list[dict], key: str, files: list[Path]):
+        first = states[0].get(key)
+        for f, s in zip(files[1:], states[1:]):
+            if s.get(key) != first:
+                raise CheckpointError(f"{f}: {key} differs from {files[0].name}'s; files from different runs or steps")
+        return first
+
+    def _check_optim(self, per_rank: int) -> None:
+        for f in self.optim_files:
+            opt = load_file(f).get("optimizer_state_dict", {})
+            groups = opt.get("fp32_flat_groups")
+            if groups is None:
+                raise CheckpointError(f"{f}: no fp32_flat_groups; not a ZeRO stage 3 optimizer file")
+            if opt.get("partition_count") != self.world:
+                raise CheckpointError(f"{f}: partitioned {opt.get('partition_count')} ways, but the model states say "
+                                      f"{self.world} ranks; files from different runs?")
+            have = sum(g.numel() for g in groups)
+            if have != per_rank:
+                raise CheckpointError(f"{f}: holds {have} fp32 elements but the parameter shapes need {per_rank} "
+                                      "per rank; files from different runs?")
+
+    def _gather(self, flats: list[list[torch.Tensor]], slot: _Slot) -> torch.Tensor:
+        numel = slot.shape.numel()
+        out = torch.empty(slot.part * self.world, dtype=torch.float32)
+        for r, groups in enumerate(flats):
+            dst, start, need = r * slot.part, slot.offset, slot.part
+            for g in groups:  # a parameter may straddle two flat groups
+                if start >= g.numel():
+                    start -= g.numel()
+                    continue
+                take = min(need, g.numel() - start)
+                out[dst:dst + take].copy_(g[start:start + take])
+                dst, need, start = dst + take, need - take, 0
+                if not need:
+                    break
+        return out[:numel].view(slot.shape)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(our name, fp32 tensor) in model order; each yielded tensor owns its memory."""
+        for unit in layer_units(self.order):
+            flats = [load_file(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in self.optim_files]
+            gathered = [(name, self._gather(flats, self.slots[name])) for name in unit]
+            del flats  # drop the memory maps before the consumer works on this layer
+            yield from gathered
+
+
+class PipelineReader:
+    """The weights of a pipeline-engine checkpoint, one layer file at a time."""
+
+    LAYER = re.compile(r"^layer_(\d+)-(.*)model_states\.pt$")
+
+    def __init__(self, tag_dir: Path, cfg: ModelConfig):
+        self.tag_dir, self.cfg = tag_dir, cfg
+        files: dict[int, Path] = {}
+        for f in sorted(tag_dir.iterdir()):
+            m = self.LAYER.match(f.name)
+            if not m:
+                continue
+            if m.group(2):
+                raise CheckpointError(f"{f}: tensor-parallel layer files ({m.group(2).rstrip('-')}) are not supported")
+            files[int(m.group(1))] = f
+        if not files:
+            raise CheckpointError(f"{tag_dir}: no pipeline layer files (layer_NN-model_states.pt)")
+        n = cfg.n_layers + 2
+        missing = sorted(set(range(n)) - set(files))
+        extra = sorted(set(files) - set(range(n)))
+        if missing:
+            raise CheckpointError(f"{tag_dir}: layer file(s) {[f'layer_{i:02d}-model_states.pt' for i in missing]} missing "
+                                  f"(a {cfg.n_layers}-block model has layers 00..{n - 1:02d})")
+        if extra:
+            raise CheckpointError(f"{tag_dir}: extra layer file(s) {[files[i].name for i in extra]}: a {cfg.n_layers}-block "
+                                  "model has no such layer; files from a different run?")
+        self.files = [files[i] for i in range(n)]
+        self.want = model_shapes(cfg)
+        step = _tag_step(tag_dir)
+        for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
+            saved = load_file(f).get("global_steps")
+            if step is not None and saved is not None and saved != step:
+                raise CheckpointError(f"{f}: saved at step {saved} but lies in {tag_dir.name}; files from different runs or steps")
+        self._validate()
+
+    def _our_name(self, idx: int, key: str) -> str:
+        return f"layers.{idx - 1}.{key}" if 1 <= idx <= self.cfg.n_layers else key
+
+    def _want_in(self, idx: int) -> dict[str, tuple[int, ...]]:
+        L = self.cfg.n_layers
+        if idx == 0:
+            return {n: s for n, s in self.want.items() if n == "tok_embeddings.weight"}
+        if idx <= L:
+            return {n: s for n, s in self.want.items() if n.startswith(f"layers.{idx - 1}.")}
+        return {n: s for n, s in self.want.items() if n in ("norm.weight", "output.weight")}
+
+    def _validate(self) -> None:
+        # Only the pickled metadata is read here; tensor data stays in the (lazy) memory map.
+        for idx, f in enumerate(self.files):
+            state = load_file(f)
+            _check_names(str(f), {self._our_name(idx, k): t.shape for k, t in state.items()}, self._want_in(idx))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for idx, f in enumerate(self.files):
+            state = {self._our_name(idx, k): t for k, t in load_file(f).items()}
+            for n in self._want_in(idx):
+                yield n, state[n].clone()  # own the memory; the map closes with `state`
+            del state
+
+
+def open_checkpoint(tag_dir: Path, engine: str, cfg: ModelConfig) -> Zero3Reader | PipelineReader:
+    if engine == "zero3":
+        return Zero3Reader(tag_dir, cfg)
+    if engine == "pipeline":
+        return PipelineReader(tag_dir, cfg)
+    raise CheckpointError(f"{tag_dir}/profile.json: unknown engine {engine!r}")
