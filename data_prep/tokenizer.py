@@ -49,9 +49,26 @@ def train_sentencepiece(sample_file: Path, out_dir: Path, cfg: TokenizerConfig, 
         minloglevel=2,
     )
     final = out_dir / "tokenizer.model"
-    os.replace(f"{prefix}.model", final)
+    _normalise_spec(Path(f"{prefix}.model"), final)
+    os.unlink(f"{prefix}.model")
     os.unlink(f"{prefix}.vocab")
     return final
+
+
+def _normalise_spec(src: Path, dst: Path) -> None:
+    """The trainer records its temporary prefix, input path and thread count in the model;
+    fixed values here make the same sample give the same bytes on any machine and rerun."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(src.read_bytes())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.append("tokenizer_sample.txt")
+    proto.trainer_spec.num_threads = 1
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.write_bytes(proto.SerializeToString(deterministic=True))
+    os.replace(tmp, dst)
 
 
 def _merges(vocab: dict[str, int]) -> list[tuple[str, str]]:

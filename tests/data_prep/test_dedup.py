@@ -1,0 +1,118 @@
+"""Exact and MinHash deduplication on planted duplicates, through the real prepare and dedup
+stages (files on disk, partitions, union-find merge)."""
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from conftest import real_documents, tiny_config, write_jsonl
+from data_prep.config import PrepConfig
+from data_prep.dedup import KIND_EXACT, KIND_NEAR, merge, PAIR_DTYPE
+from data_prep.executor import LocalExecutor
+from data_prep.minhash import shingle_hashes
+from data_prep.stages import STAGES, open_context
+
+
+def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str, str]]:
+    """Run prepare + dedup; return {doc id: (kind, survivor id)} for removed documents."""
+    for name, rows in files.items():
+        write_jsonl(tmp_path / "in" / name, rows)
+    cfg = PrepConfig.model_validate(tiny_config([{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "id_field": "id"}]))
+    ctx = open_context(cfg, tmp_path / "out")
+    ex = LocalExecutor(2)
+    for st in STAGES[:4]:
+        st.run(ctx, ex)
+    ids = {}
+    for d in ctx.task_dirs():
+        for b in pa.ipc.open_stream(pa.memory_map(str(d / "docs.arrow"))):
+            ids.update(zip(b.column("gid").to_pylist(), b.column("id").to_pylist()))
+    removed = np.load(ctx.dedup_dir / "removed.npy")
+    kinds = {KIND_EXACT: "exact", KIND_NEAR: "near"}
+    return {ids[int(r["gid"])]: (kinds[int(r["kind"])], ids[int(r["survivor"])]) for r in removed}
+
+
+def _edit(words: list[str], frac: float, rng: random.Random, vocab: list[str], spans: int = 3) -> list[str]:
+    """Replace/insert/delete about frac of the words, in a few contiguous spans (how real
+    near-duplicates differ: a changed date line, an edited sentence, a new footer)."""
+    out = list(words)
+    per = max(1, round(frac * len(words) / spans))
+    for _ in range(spans):
+        i = rng.randrange(0, len(out) - per)
+        op = rng.choice(["replace", "insert", "delete"])
+        if op == "replace":
+            out[i : i + per] = [rng.choice(vocab) for _ in range(per)]
+        elif op == "insert":
+            out[i:i] = [rng.choice(vocab) for _ in range(per)]
+        else:
+            del out[i : i + per]
+    return out
+
+
+def _jaccard(a: str, b: str) -> float:
+    ha, _ = shingle_hashes([a], 5)
+    hb, _ = shingle_hashes([b], 5)
+    sa, sb = set(ha.tolist()), set(hb.tolist())
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_planted_near_duplicates_recall_and_no_low_similarity_merges(tmp_path):
+    rng = random.Random(0)
+    docs = real_documents(200)
+    vocab = sorted({w for d in docs for w in d.split()})
+    base, rest = docs[:100], docs[100:]
+    rows = [{"id": f"base{i}", "text": d} for i, d in enumerate(base)]
+    copies = []
+    for i, d in enumerate(base):
+        edited = " ".join(_edit(d.split(), 0.05, rng, vocab))
+        copies.append({"id": f"copy{i}", "text": edited})
+    # Low-similarity pairs: B repeats most of A plus text of its own, so that its
+    # shingle Jaccard with A is between 0.3 and 0.5 (the zone LSH may still collide on).
+    low = []
+    for j in range(0, len(rest) - 1, 2):
+        a_words, other = rest[j].split(), rest[j + 1].split()
+        for f in (0.7, 0.6, 0.5):
+            b_text = " ".join(a_words[: int(f * len(a_words))] + other[: int(0.45 * len(a_words))])
+            if 0.3 <= _jaccard(rest[j], b_text) < 0.5:
+                low.append({"id": f"lowA{j}", "text": rest[j]})
+                low.append({"id": f"lowB{j}", "text": b_text})
+                break
+    removed = _dedup(tmp_path, {"a.jsonl": rows + low, "b.jsonl": copies})
+
+    found = sum(1 for i in range(len(base)) if removed.get(f"copy{i}") == ("near", f"base{i}"))
+    assert found / len(base) >= 0.95, f"recall {found / len(base):.2f}"
+    assert not any(k.startswith("base") for k in removed)  # the first copy always survives
+
+    by_id = {r["id"]: r["text"] for r in rows + low + copies}
+    for doc, (_, survivor) in removed.items():
+        assert _jaccard(by_id[doc], by_id[survivor]) >= 0.5, (doc, survivor)
+    low_pairs = [(low[k]["id"], low[k + 1]["id"]) for k in range(0, len(low), 2)]
+    sims = [_jaccard(by_id[a], by_id[b]) for a, b in low_pairs]
+    assert max(sims) < 0.5 and min(sims) >= 0.3 and len(sims) >= 20
+    assert not any(a in removed or b in removed for a, b in low_pairs)
+
+
+def test_exact_duplicates_across_files_keep_the_first_copy(tmp_path):
+    docs = real_documents(60)[:20]
+    first = [{"id": f"f{i}", "text": d} for i, d in enumerate(docs)]
+    # Same documents, different case and whitespace, in a later file and twice in the same file.
+    second = [{"id": f"s{i}", "text": "  " + d.upper().replace(" ", "   ") + "\n"} for i, d in enumerate(docs)]
+    second += [{"id": "s0-again", "text": docs[0]}]
+    removed = _dedup(tmp_path, {"1.jsonl": first, "2.jsonl": second})
+    assert removed == {**{f"s{i}": ("exact", f"f{i}") for i in range(20)}, "s0-again": ("exact", "f0")}
+
+
+def test_merge_is_union_find_with_smallest_survivor():
+    def pairs(rows):
+        a = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+        out = np.empty(len(a), dtype=PAIR_DTYPE)
+        out["survivor"], out["gid"] = a[:, 0], a[:, 1]
+        return out
+
+    # 5-7, 3-7 and 7-9 chain into one cluster {3,5,7,9}; 20-21 is another; 9 is also an exact copy of 2.
+    exact = pairs([(2, 9)])
+    near = pairs([(5, 7), (3, 7), (7, 9), (20, 21)])
+    res = merge([exact], [near[::-1]])
+    got = {int(r["gid"]): (int(r["kind"]), int(r["survivor"])) for r in res}
+    assert got == {5: (KIND_NEAR, 3), 7: (KIND_NEAR, 3), 9: (KIND_EXACT, 2), 21: (KIND_NEAR, 20)}
+    assert list(res["gid"]) == sorted(res["gid"])
