@@ -130,6 +130,15 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.preflight import run_preflight
+
+    # Every rank checks (a node can miss the data mount); rank 0 and each node's first rank report.
+    failures = run_preflight(profile, raw.data.manifest, args.out, world)
+    if all_ranks_any(bool(failures)):
+        if rank == 0 or args.local_rank == 0:
+            for line in failures:
+                print(f"preflight (rank {rank}): {line}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
     profile_dict = profile.resolved_dict()
