@@ -1,0 +1,159 @@
+"""End to end through the CLI: accounting, bad input, the manifest contract, shards read by
+`datasets`, and SIGKILL-and-rerun giving byte-identical output."""
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import real_documents, tiny_config, write_config, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_corpus(d: Path) -> dict:
+    """Real documents in jsonl, jsonl.gz and parquet, with planted duplicates and bad records.
+    Returns the expected outcome counts."""
+    docs = real_documents(120)
+    web = [{"id": f"w{i}", "text": t} for i, t in enumerate(docs[:150])]
+    rows = [json.dumps(r) for r in web]
+    rows += [json.dumps({"id": "dup-of-w0", "text": docs[0]}),                 # exact duplicate
+             json.dumps({"id": "near-of-w1", "text": docs[1] + " Edited footer line."}),  # near duplicate
+             '{"id": "broken", "text": ',                                    # malformed JSON
+             json.dumps({"id": "notext", "body": "x"}),                      # missing text
+             json.dumps({"id": "num", "text": 3}),                           # text not a string
+             json.dumps({"id": "blank", "text": " \n\t "}),                  # whitespace only
+             json.dumps({"id": "big", "text": "z " * (3 << 20)})]            # 6 MB document
+    write_jsonl(d / "web" / "part-0.jsonl", rows[:100])
+    (d / "web" / "part-1.jsonl.gz").write_bytes(gzip.compress(("\n".join(rows[100:]) + "\n").encode() + b'{"text": "\xff\xfe"}\n'))
+    pq.write_table(pa.table({"text": docs[150:], "id": [f"b{i}" for i in range(len(docs) - 150)]}), d / "books.parquet")
+    return {"input": len(rows) + 1 + len(docs) - 150, "bad_input": 6, "exact_duplicate": 1, "near_duplicate": 1}
+
+
+def config_for(d: Path, **over) -> Path:
+    cfg = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(d / "web")], "id_field": "id"},
+                       {"name": "books", "type": "parquet", "paths": [str(d / "books.parquet")], "id_field": "id"}],
+                      read={"max_doc_bytes": 1 << 20}, **over)
+    return write_config(d / "prep.json", cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prep")
+    expected = make_corpus(d)
+    cfg = config_for(d, output={"write_removed": True})
+    r = _cli("run", "--config", cfg, "--out", d / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, expected, r
+
+
+def test_accounting_adds_up_and_bad_input_is_reported(prepared):
+    d, expected, r = prepared
+    stats = json.loads((d / "out" / "stats.json").read_text())
+    rec = stats["records"]
+    assert stats["accounting"]["ok"] and rec["input"] == expected["input"]
+    assert sum(rec[k] for k in ("kept", "bad_input", "filtered", "exact_duplicate", "near_duplicate")) == rec["input"]
+    for k in ("bad_input", "exact_duplicate", "near_duplicate"):
+        assert rec[k] == expected[k], (k, rec)
+    assert stats["reasons"] == {"bad_input:empty": 1, "bad_input:invalid_utf8": 1, "bad_input:malformed_json": 1,
+                                "bad_input:missing_text": 1, "bad_input:text_not_string": 1, "bad_input:too_large": 1}
+    assert all(e["file"].startswith("web/part-1.jsonl.gz") for e in stats["bad_input_examples"])
+    lines = {e["reason"]: e["line"] for e in stats["bad_input_examples"]}
+    assert lines["malformed_json"] == 53 and lines["invalid_utf8"] == 58
+    for s in stats["sources"].values():
+        assert s["accounting_ok"]
+    assert stats["sources"]["books"]["records"]["kept"] == expected["input"] - 158
+    dups = [json.loads(l) for p in (d / "out" / "work" / "tokenize").glob("*.duplicates.jsonl") for l in p.open()]
+    assert {(x["id"], x["outcome"], x["survivor"]) for x in dups} == {("dup-of-w0", "exact_duplicate", "w0"),
+                                                                     ("near-of-w1", "near_duplicate", "w1")}
+    assert "stats:" in r.stdout and "manifest.json" in r.stdout
+    assert (d / "out" / "summary.md").read_text().startswith("# Data prep summary")
+    assert {p.name for p in (d / "out" / "plots").iterdir()} == {"outcomes.png", "document_chars.png", "document_tokens.png"}
+
+
+def test_manifest_and_shards_follow_the_contract(prepared):
+    import datasets
+    import sentencepiece as spm
+
+    d = prepared[0]
+    out = d / "out"
+    m = json.loads((out / "shards" / "manifest.json").read_text())
+    assert (m["format"], m["version"], m["column"], m["dtype"], m["add_bos"], m["add_eos"]) == \
+        ("arrow-token-shards", 1, "input_ids", "uint16", True, True)
+    tok = m["tokenizer"]
+    model = (out / "shards" / tok["model"]).resolve()
+    assert model == (out / "tokenizer" / "tokenizer.model").resolve()
+    assert tok["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert (tok["vocab_size"], tok["bos_id"], tok["eos_id"], tok["pad_id"], tok["unk_id"]) == (400, 1, 2, -1, 0)
+    assert hashlib.sha256(json.dumps(m["config"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest() == m["config_sha256"]
+    stats = json.loads((out / "stats.json").read_text())
+    totals = {"train": [0, 0], "validation": [0, 0]}
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for sh in m["shards"]:
+        path = out / "shards" / sh["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sh["sha256"]
+        ds = datasets.Dataset.from_file(str(path))
+        assert ds.features["input_ids"].feature.dtype == "uint16"
+        ids = ds["input_ids"]
+        assert len(ids) == sh["documents"] and sum(map(len, ids)) == sh["tokens"]
+        assert all(x[0] == 1 and x[-1] == 2 for x in ids)
+        totals[sh["split"]][0] += len(ids)
+        totals[sh["split"]][1] += sh["tokens"]
+    assert {k: {"documents": v[0], "tokens": v[1]} for k, v in totals.items()} == m["splits"]
+    assert m["splits"]["validation"]["documents"] > 0 and m["splits"]["train"]["documents"] > 0
+    assert sum(s["documents"] for s in m["sources"].values()) == stats["records"]["kept"]
+    assert not list((out / "shards").glob(".*"))  # no temporary names left
+    first = m["shards"][0]
+    text = sp.decode(datasets.Dataset.from_file(str(out / "shards" / first["path"]))[0]["input_ids"][1:-1])
+    assert len(text) > 100
+
+
+def test_kill_and_rerun_is_byte_identical(prepared, tmp_path):
+    d = prepared[0]
+    reference = d / "out"
+    cfg = config_for(d, output={"write_removed": True})
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(out)]
+    # Kill at several points of the run (each rerun resumes the previous one), then finish.
+    seen = []
+    for delay in (1.5, 2.5, 3.5, 4.5):
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, as a node failure would
+        p.wait()
+        seen.append(len(list((out / "work" / "prepare").glob("task-*"))) + len(list((out / "work" / "tokenize").glob("task-*.json"))))
+    assert seen[0] < seen[-1] or seen[-1] < 6, seen  # the kills did land at different points
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "work" / "prepare").glob("task-*")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name, mtime in done_before.items():  # completed tasks are not redone
+        assert (out / "work" / "prepare" / name).stat().st_mtime_ns == mtime
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file() and "work" not in p.parts)
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "work" not in p.parts)
+    for f in files:
+        assert (reference / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_errors_are_one_line_naming_file_or_field(tmp_path):
+    cfg = write_config(tmp_path / "c.json", tiny_config([{"name": "x", "type": "jsonl", "paths": [str(tmp_path / "nope.jsonl")]}]))
+    r = _cli("run", "--config", cfg, "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope.jsonl" in r.stderr
+    bad = tiny_config([{"name": "x", "type": "csv", "paths": ["a"]}], minhash={"bands": 0})
+    r = _cli("run", "--config", write_config(tmp_path / "b.json", bad), "--out", tmp_path / "o")
+    assert r.returncode == 2 and "sources.0.type" in r.stderr and r.stderr.strip().count("\n") == 0
+    for cmd in ("run", "prepare", "dedup", "train-tokenizer", "tokenize", "finalize", "config"):
+        h = _cli(cmd, "--help")
+        assert h.returncode == 0 and "usage" in h.stdout
