@@ -102,28 +102,51 @@ class GopherRepetition:
         if chars / max(len(text), 1) > c.dup_line_char_frac:
             return "dup_line_char_frac"
         words = _WORD.findall(text.lower())
-        total = sum(map(len, words)) or 1
-        for k, frac in c.top_n_grams:
-            if len(words) < k:
+        if not words:
+            return None
+        return _ngram_rules(words, c.top_n_grams, c.dup_n_grams)
+
+
+def _ngram_rules(words: list[str], top_n_grams, dup_n_grams) -> str | None:
+    """Gopher's n-gram repetition rules, vectorised: word ids -> n-gram hashes by shifted
+    slices, repeats by np.unique. Equality of ids stands in for equality of words (a 64-bit
+    collision inside one document is not a practical concern)."""
+    import numpy as np
+
+    ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    total = int(lens.sum()) or 1
+    cum = np.concatenate([[0], np.cumsum(lens)])
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    h = ids.copy()
+    with np.errstate(over="ignore"):
+        for k in range(2, max(n for n, _ in list(top_n_grams) + list(dup_n_grams)) + 1):
+            m = len(words) - k + 1
+            if m <= 0:
+                break
+            h = h[:m] * mult + ids[k - 1 : k - 1 + m]
+            top = next((f for n, f in top_n_grams if n == k), None)
+            dup = next((f for n, f in dup_n_grams if n == k), None)
+            if top is None and dup is None:
                 continue
-            grams = Counter(zip(*(words[i:] for i in range(k))))
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and sum(map(len, gram)) * count / total > frac:
-                return f"top_{k}_gram"
-        for k, frac in c.dup_n_grams:
-            if len(words) < k:
-                continue
-            # Characters covered by n-grams that occur more than once (overlaps counted once).
-            grams = list(zip(*(words[i:] for i in range(k))))
-            counts = Counter(grams)
-            covered = [False] * len(words)
-            for i, g in enumerate(grams):
-                if counts[g] > 1:
-                    for j in range(i, i + k):
-                        covered[j] = True
-            if sum(len(w) for w, cov in zip(words, covered) if cov) / total > frac:
-                return f"dup_{k}_gram"
-        return None
+            _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+            if top is not None:
+                best = counts.max()
+                if best > 1:
+                    # Ties go to the n-gram seen first, as Counter.most_common does.
+                    start = int(first[counts == best].min())
+                    if (cum[start + k] - cum[start]) * best / total > top:
+                        return f"top_{k}_gram"
+            if dup is not None:
+                starts = np.flatnonzero(counts[inverse] > 1)
+                if len(starts):
+                    cover = np.zeros(len(words) + 1, dtype=np.int64)
+                    np.add.at(cover, starts, 1)
+                    np.add.at(cover, starts + k, -1)
+                    covered = np.cumsum(cover[:-1]) > 0
+                    if lens[covered].sum() / total > dup:
+                        return f"dup_{k}_gram"
+    return None
 
 
 class C4Rules:
