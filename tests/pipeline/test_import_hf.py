@@ -1,0 +1,139 @@
+"""Hugging Face LLaMA → `--init-from` directory → Hugging Face again."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.export import export
+from pipeline.hf import load_init_dir
+from pipeline.import_hf import main
+from pipeline.model import Transformer
+
+
+def hf_model(path: Path, n_kv_heads: int, dtype=torch.float32, shard="60KB") -> Path:
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=n_kv_heads, vocab_size=300, max_position_embeddings=128,
+                                   rms_norm_eps=1e-6, rope_theta=50000.0)
+    torch.manual_seed(n_kv_heads)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # so a wrong norm mapping cannot hide
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+def tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("n_kv_heads,dtype,export_dtype", [(8, torch.float32, "fp32"), (2, torch.float32, "fp32"),
+                                                         (2, torch.bfloat16, "bf16")])
+def test_round_trip_is_bit_identical(tmp_path, n_kv_heads, dtype, export_dtype):
+    src = hf_model(tmp_path / "src", n_kv_heads, dtype)
+    assert main([str(src), "--out", str(tmp_path / "init")]) == 0
+    cfg, state = load_init_dir(tmp_path / "init")
+    assert cfg.kv_heads == n_kv_heads and cfg.rope_theta == 50000.0 and cfg.norm_eps == 1e-6
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert json.loads((tmp_path / "init" / "model.json").read_text()) == cfg.to_dict()
+
+    export(tmp_path / "init", tmp_path / "back", dtype=export_dtype, max_shard_size="60KB", check=True)
+    a, b = tensors(src), tensors(tmp_path / "back")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_imported_weights_compute_the_same_logits(tmp_path):
+    src = hf_model(tmp_path / "src", 2)
+    main([str(src), "--out", str(tmp_path / "init")])
+    cfg, state = load_init_dir(tmp_path / "init")
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_tokenizer_files_travel_with_the_weights(tmp_path):
+    src = hf_model(tmp_path / "src", 2)
+    (src / "tokenizer.json").write_text("{}")
+    main([str(src), "--out", str(tmp_path / "init")])
+    assert (tmp_path / "init" / "tokenizer.json").read_text() == "{}"
+
+
+def expect_error(capsys, src: Path, out: Path, message: str):
+    assert main([str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_hugging_face_directories(tmp_path, capsys):
+    src = hf_model(tmp_path / "src", 2)
+    out = tmp_path / "out" / "init"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+
+    moved = src / shards[1]
+    moved.rename(tmp_path / "aside")
+    expect_error(capsys, src, out, f"{shards[1]}: listed in model.safetensors.index.json but missing")
+    (tmp_path / "aside").rename(moved)
+
+    save_file({"x": torch.zeros(1)}, str(src / "model-00099-of-00099.safetensors"))
+    expect_error(capsys, src, out, "model-00099-of-00099.safetensors: weight file not listed")
+    (src / "model-00099-of-00099.safetensors").unlink()
+
+    first = src / shards[0]
+    saved = first.read_bytes()
+    with safe_open(str(first), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(state, str(first), metadata={"format": "pt"})
+    expect_error(capsys, src, out, "'model.layers.0.self_attn.q_proj.bias' is not part of a LLaMA model")
+    state.pop("model.layers.0.self_attn.q_proj.bias")
+    state.pop(next(iter(state)))
+    save_file(state, str(first), metadata={"format": "pt"})
+    expect_error(capsys, src, out, "missing from the weight files")
+    first.write_bytes(saved)
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    expect_error(capsys, src, out, "rope_scaling")
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    expect_error(capsys, src, out, "beyond the 2 layers config.json declares")
+    (src / "config.json").write_text(json.dumps(cfg))
+
+    out.mkdir(parents=True)
+    assert main([str(src), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(src / "config.json", pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    expect_error(capsys, pickled, tmp_path / "x", "only pickle (*.bin) weights")
+
+
+def test_load_init_dir_checks_its_input(tmp_path):
+    src = hf_model(tmp_path / "src", 2)
+    main([str(src), "--out", str(tmp_path / "init")])
+    weights = tmp_path / "init" / "model.safetensors"
+    state = load_file(weights)
+    state.pop("norm.weight")
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match="norm.weight"):
+        load_init_dir(tmp_path / "init")
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_init_dir(tmp_path)
