@@ -66,15 +66,12 @@ class ShardWriter:
             return
         if self._writer is None:
             self._open()
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for x in ids for t in x), dtype=self.dtype.to_pandas_dtype(), count=int(offsets[-1]))
-        arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=self.dtype))
+        # Arrow converts the nested Python lists in C; no per-token Python work here.
+        arr = pa.array(ids, type=pa.list_(self.dtype))
         self._writer.write_batch(pa.record_batch([arr], schema=self.schema))
         self.docs += len(ids)
-        self.tokens += int(offsets[-1])
-        self.bytes += flat.nbytes + offsets.nbytes
+        self.tokens += len(arr.values)
+        self.bytes += arr.nbytes
         if self.bytes >= self.target:
             self.close()
 
@@ -107,7 +104,6 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
     gone = dict(zip(mine["gid"].tolist(), zip(mine["kind"].tolist(), mine["survivor"].tolist())))
     sc = cfg.shards
     writers = {s: ShardWriter(shard_dir, s, task.index, dtype, sc.target_bytes, task.source) for s in ("train", "validation")}
-    bos, eos = ([sp.bos_id()] if sc.add_bos else []), ([sp.eos_id()] if sc.add_eos else [])
     records = {KEPT: 0, EXACT_DUP: 0, NEAR_DUP: 0}
     nbytes = {KEPT: 0, EXACT_DUP: 0, NEAR_DUP: 0}
     split_docs = {"train": 0, "validation": 0}
@@ -134,10 +130,10 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
             keep_texts.append(text)
             keep_split.append("validation" if is_validation(task.source, doc_id, sc.validation_fraction, sc.split_seed) else "train")
         for i in range(0, len(keep_texts), ENCODE_BATCH):
-            encoded = sp.encode(keep_texts[i : i + ENCODE_BATCH])
+            encoded = sp.encode(keep_texts[i : i + ENCODE_BATCH], add_bos=sc.add_bos, add_eos=sc.add_eos)
             by_split: dict[str, list] = {"train": [], "validation": []}
             for ids_, split in zip(encoded, keep_split[i : i + ENCODE_BATCH]):
-                by_split[split].append(bos + ids_ + eos)
+                by_split[split].append(ids_)
             for split, docs in by_split.items():
                 for d in docs:
                     tokens_hist.add(len(d))
