@@ -157,3 +157,13 @@ def test_errors_are_one_line_naming_file_or_field(tmp_path):
     for cmd in ("run", "prepare", "dedup", "train-tokenizer", "tokenize", "finalize", "config"):
         h = _cli(cmd, "--help")
         assert h.returncode == 0 and "usage" in h.stdout
+
+
+def test_ray_executor_gives_the_same_output(prepared, tmp_path):
+    pytest.importorskip("ray")
+    d = prepared[0]
+    cfg = config_for(d, output={"write_removed": True})
+    r = _cli("run", "--config", cfg, "--out", tmp_path / "ray", "--executor", "ray", "--workers", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("shards/manifest.json", "stats.json", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json"):
+        assert (d / "out" / f).read_bytes() == (tmp_path / "ray" / f).read_bytes(), f
