@@ -293,6 +293,20 @@ def _check_zero_section(zero: dict, source: str) -> None:
         raise _error(source, f"deepspeed.zero_optimization.{loc}", what, first.get("input")) from None
 
 
+def _check_shape(m: ModelSection, source: str) -> None:
+    """The attention shape, with the preset's values where the profile gives none."""
+    base = PRESETS[m.preset]
+    d, h = m.dim or base.dim, m.n_heads or base.n_heads
+    kv = m.n_kv_heads or base.n_kv_heads or h  # as build() merges them
+    if d % h:
+        raise _error(source, "model.dim", f"not divisible by model.n_heads={h}", d)
+    if h % kv:
+        raise _error(source, "model.n_kv_heads", f"does not divide model.n_heads={h}", kv)
+    if (d // h) % 2:
+        raise _error(source, "model.dim", f"the head dimension dim / n_heads = {d // h} must be even for rotary "
+                     "embeddings", d)
+
+
 def _run_steps(t: TrainSection, tokens_per_step: int) -> int:
     if t.steps != "auto":
         return t.steps
@@ -310,10 +324,11 @@ def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | No
     dp = world_size // topo.pipeline_stages
     if raw.model.vocab_size == "auto" and vocab_size is None:
         raise _error(source, "model.vocab_size", "\"auto\" needs the tokenizer of a data manifest", "auto")
+    _check_shape(raw.model, source)
     try:
         model = raw.model.build(vocab_size)
-    except ValueError as e:  # ModelConfig's own checks name the fields (e.g. dim vs n_heads)
-        raise ProfileError(f"{source}: {e}") from None
+    except ValueError as e:  # anything ModelConfig refuses that the check above missed
+        raise ProfileError(f"{source}: model: {e}") from None
     if raw.data.seq_len > model.max_seq_len:
         raise _error(source, "data.seq_len", f"exceeds model.max_seq_len={model.max_seq_len}", raw.data.seq_len)
     if topo.pipeline_stages > model.n_layers:
@@ -324,9 +339,10 @@ def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | No
     steps = _run_steps(t, gbs * raw.data.seq_len)
     if t.decay_steps != "auto" and t.decay_steps <= t.warmup_steps:
         raise _error(source, "train.decay_steps", f"must exceed train.warmup_steps={t.warmup_steps}", t.decay_steps)
-    if steps != t.steps:
-        raw = raw.model_copy(update={"train": t.model_copy(update={"steps": steps})})
-        t = raw.train
+    # The resolved profile names the run length and the cosine's length as numbers.
+    filled = {"steps": steps, "decay_steps": steps if t.decay_steps == "auto" else t.decay_steps}
+    raw = raw.model_copy(update={"train": t.model_copy(update=filled)})
+    t = raw.train
 
     ds = copy.deepcopy(raw.deepspeed)
     for bad in ("optimizer", "scheduler"):
