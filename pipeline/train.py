@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
+from pipeline.checkpoint import CheckpointError, Checkpoints
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
 
@@ -76,49 +76,11 @@ def all_ranks_mean(value: float) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-class Checkpoints:
-    """DeepSpeed checkpoints under one directory, with an atomic `latest` pointer.
-
-    Every rank writes its part of tag T, then all ranks meet at a barrier, and only then rank 0
-    replaces `latest` (write a temporary file, rename). A crash mid-save therefore leaves
-    `latest` naming the previous, complete checkpoint.
-    """
-
-    def __init__(self, root: Path, keep_last: int):
-        self.root, self.keep_last = root, keep_last
-
-    def latest(self) -> str | None:
-        f = self.root / "latest"
-        return f.read_text().strip() if f.exists() else None
-
-    def save(self, engine, step: int, client_state: dict, profile_dict: dict, faults: FaultInjection) -> str:
-        tag = f"global_step{step}"
-        rank = torch.distributed.get_rank()
-        engine.save(str(self.root), tag, client_state)
-        if rank == 0:
-            (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
-        faults.maybe_die_in_save(step)
-        torch.distributed.barrier()
-        if rank == 0:
-            tmp = self.root / "latest.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.root / "latest")
-            self._prune(tag)
-        torch.distributed.barrier()
-        return tag
-
-    def _prune(self, newest: str) -> None:
-        tags = sorted((p for p in self.root.glob("global_step*") if p.is_dir()),
-                      key=lambda p: int(p.name.removeprefix("global_step")))
-        for old in tags[:-self.keep_last]:
-            if old.name != newest:
-                shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # Validate everything that can be checked from files before any process group starts, so a
+    # bad profile fails fast on every rank with the same one-line reasons.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         raw = parse_profile(apply_overrides(read_profile_json(args.profile), args.overrides), args.profile)
         manifest = Manifest.load(raw.data.manifest)
@@ -130,15 +92,8 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.preflight import run_preflight
+    init_distributed()
 
-    # Every rank checks (a node can miss the data mount); rank 0 and each node's first rank report.
-    failures = run_preflight(profile, raw.data.manifest, args.out, world)
-    if all_ranks_any(bool(failures)):
-        if rank == 0 or args.local_rank == 0:
-            for line in failures:
-                print(f"preflight (rank {rank}): {line}", file=sys.stderr)
-        return 2
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
     profile_dict = profile.resolved_dict()
@@ -148,6 +103,23 @@ def main(argv=None) -> int:
         (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
 
     t = profile.train
+    tag = ckpts.latest() if args.resume == "auto" else (None if args.resume == "none" else args.resume)
+    if args.resume == "none" and ckpts.latest():
+        if rank == 0:
+            print(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out", file=sys.stderr)
+        return 2
+    topology = {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
+    load_tag = None
+    if tag:
+        try:
+            load_tag, universal = ckpts.prepare_resume(tag, topology)
+        except CheckpointError as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        if universal:
+            profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
+
     torch.manual_seed(t.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
 
@@ -157,20 +129,11 @@ def main(argv=None) -> int:
     val_samples = open_split(manifest, "validation", profile.data.seq_len, profile.data.seed) if val_shards else None
 
     start_step = 0
-    tag = ckpts.latest() if args.resume == "auto" else (None if args.resume == "none" else args.resume)
-    if args.resume == "none" and ckpts.latest():
+    if load_tag:
+        engine.load(str(ckpts.root), load_tag)
+        start_step = ckpts.meta(load_tag)["step"]
         if rank == 0:
-            print(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out", file=sys.stderr)
-        return 2
-    if tag:
-        if not (ckpts.root / tag).is_dir():
-            if rank == 0:
-                print(f"error: checkpoint {ckpts.root / tag} does not exist", file=sys.stderr)
-            return 2
-        state = engine.load(str(ckpts.root), tag)
-        start_step = state["step"]
-        if rank == 0:
-            print(f"resumed from {ckpts.root / tag} at step {start_step}", flush=True)
+            print(f"resumed from {ckpts.root / load_tag} at step {start_step}", flush=True)
 
     mb, dp, accum, gbs = t.micro_batch_size, profile.data_parallel_size, profile.grad_accum_steps, profile.global_batch_size
     dp_rank = engine.dp_rank
@@ -231,8 +194,8 @@ def main(argv=None) -> int:
         stop = all_ranks_any(preempt.requested)
         if stop or skips.exhausted or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
             # After skipped steps the weights are still those from before the trouble.
-            client_state = {"step": step, "consumed_samples": step * gbs}
-            saved = ckpts.save(engine, step, client_state, profile_dict, faults)
+            meta = {"consumed_samples": step * gbs, "world_size": world, **topology}
+            saved = ckpts.save(engine, step, meta, profile_dict, faults)
             if rank == 0:
                 print(f"checkpoint {ckpts.root / saved}", flush=True)
         if skips.exhausted:

@@ -1,0 +1,109 @@
+"""Training checkpoints: DeepSpeed's own files per tag, plus an atomic `latest` pointer,
+a `meta.json` per tag, pruning, and resuming on a different number of ranks.
+
+Layout under RUN/checkpoints/:
+    latest                  the newest *complete* tag, replaced atomically
+    global_stepN/           DeepSpeed's files (ZeRO-3 partitions or pipeline layer files)
+        profile.json        the fully resolved profile (the export reads the model shape here)
+        meta.json           step, consumed samples and the topology that wrote it
+    global_stepN_universal/ made on demand when resuming on another topology
+
+Every rank writes its part of tag T, all ranks meet at a barrier, and only then rank 0
+replaces `latest` (write a temporary file, rename). A crash mid-save therefore leaves
+`latest` naming the previous complete checkpoint. `--resume auto` only ever reads `latest`.
+
+Resuming on another world size: DeepSpeed's ZeRO partitions are tied to the data-parallel
+size that wrote them, so the tag is first converted to DeepSpeed's "universal" checkpoint
+format (`deepspeed.checkpoint.ds_to_universal`, one file per parameter and optimizer state)
+and loaded with `checkpoint.load_universal`. Sample order does not depend on the world size
+(`pipeline/data.py`), so the run continues with the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.faults import FaultInjection
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Checkpoints:
+    def __init__(self, root: Path, keep_last: int):
+        self.root, self.keep_last = Path(root), keep_last
+
+    def latest(self) -> str | None:
+        f = self.root / "latest"
+        return f.read_text().strip() if f.exists() else None
+
+    def meta(self, tag: str) -> dict:
+        f = self.root / tag / "meta.json"
+        if not f.exists():
+            raise CheckpointError(f"{self.root / tag}: meta.json missing; not a complete checkpoint of this trainer")
+        return json.loads(f.read_text())
+
+    def save(self, engine, step: int, meta: dict, profile_dict: dict, faults: FaultInjection) -> str:
+        tag = f"global_step{step}"
+        rank = torch.distributed.get_rank()
+        engine.save(str(self.root), tag, {"step": step})
+        if rank == 0:
+            (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+            (self.root / tag / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+        faults.maybe_die_in_save(step)
+        _barrier()
+        if rank == 0:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.root / "latest")
+            self._prune(tag)
+        _barrier()
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        tags = sorted((p for p in self.root.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()),
+                      key=lambda p: int(p.name.removeprefix("global_step")))
+        for old in tags[:-self.keep_last]:
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+
+    def prepare_resume(self, tag: str, topology: dict) -> tuple[str, bool]:
+        """(tag to load, whether it is a universal checkpoint) for resuming `tag` on `topology`
+        ({"data_parallel_size", "pipeline_stages"}). Rank 0 converts when the topology changed."""
+        if not (self.root / tag).is_dir():
+            raise CheckpointError(f"checkpoint {self.root / tag} does not exist")
+        saved = self.meta(tag)
+        if all(saved.get(k) == v for k, v in topology.items()):
+            return tag, False
+        universal = f"{tag}_universal"
+        if torch.distributed.get_rank() == 0 and not (self.root / universal).is_dir():
+            tmp = self.root / f".{universal}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(self.root / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+            print(f"topology changed since {tag} ({saved.get('data_parallel_size')} data-parallel × "
+                  f"{saved.get('pipeline_stages')} stages → {topology['data_parallel_size']} × "
+                  f"{topology['pipeline_stages']}): converting to a universal checkpoint", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CheckpointError(f"converting {self.root / tag} to universal format failed:\n{proc.stderr[-3000:]}")
+            for name in ("profile.json", "meta.json"):
+                shutil.copy2(self.root / tag / name, tmp / name)
+            os.replace(tmp, self.root / universal)
+        _barrier()
+        return universal, True

@@ -1,0 +1,230 @@
+"""The trainer through the real `deepspeed` launcher, 2 CPU processes, gloo.
+
+Every run uses the same global batch (16 sequences of 128 tokens) and schedule, so runs of
+different engines and world sizes can be compared step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from runs import DEEPSPEED, REPO, cpu_env, free_port, read_metrics, run_deepspeed, train_losses
+from pipeline.config import load_profile
+from pipeline.data import Manifest, micro_batch_positions, open_split
+from pipeline.model import Transformer, causal_lm_loss
+from pipeline.optim import build_optimizer
+
+STEPS = 8
+
+
+def common(manifest: Path, out: Path, *extra: str) -> list[str]:
+    sets = {"data.manifest": str(manifest), "train.steps": STEPS, "train.warmup_steps": 2, "train.decay_steps": STEPS,
+            "train.log_every": 1, "train.checkpoint_every": 4, "train.eval_every": 4, "train.eval_batches": 1}
+    args = ["pipeline.train", "--out", str(out)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + list(extra)
+
+
+def zero3_args(manifest, out, *extra):
+    return common(manifest, out, "--profile", "ds_configs/tiny_cpu.json", "--set", "train.micro_batch_size=4",
+                  "--set", "train.grad_accum_steps=2", *extra)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(prepared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    run_deepspeed(zero3_args(prepared_data, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe_run(prepared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    run_deepspeed(common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json",
+                         "--set", "train.micro_batch_size=8", "--set", "train.grad_accum_steps=2"))
+    return out
+
+
+def test_zero3_trains_and_checkpoints(zero3_run):
+    losses = train_losses(zero3_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.2, losses
+    ckpts = zero3_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"global_step{STEPS}"
+    assert len(list((ckpts / f"global_step{STEPS}").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    assert json.loads((ckpts / f"global_step{STEPS}" / "meta.json").read_text())["data_parallel_size"] == 2
+
+
+def test_metrics_in_jsonl_and_tensorboard(zero3_run):
+    records = read_metrics(zero3_run)
+    last = records[-1]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tflops_per_device",
+                "train/skipped_steps", "val/loss"):
+        assert key in last and math.isfinite(last[key]), key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((zero3_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss"} <= tags
+    assert len(acc.Scalars("train/loss")) == STEPS
+
+
+def test_pipeline_two_stages_trains(pipe_run):
+    losses = train_losses(pipe_run)
+    assert losses[STEPS] < losses[1] - 0.2, losses
+    tag = pipe_run / "checkpoints" / f"global_step{STEPS}"
+    # tiny has 2 blocks: embedding, 2 blocks, head
+    assert sorted(p.name for p in tag.glob("layer_*-model_states.pt")) == [
+        f"layer_{i:02d}-model_states.pt" for i in range(4)]
+
+
+def reference_losses(manifest: Path, steps: int) -> list[float]:
+    """The same training in one process of plain PyTorch, no DeepSpeed."""
+    profile = load_profile(REPO / "ds_configs/tiny_cpu.json", world_size=1, vocab_size=Manifest.load(manifest).tokenizer.vocab_size,
+                           overrides=[f"train.steps={STEPS}", "train.warmup_steps=2", f"train.decay_steps={STEPS}",
+                                      "train.micro_batch_size=16", "train.grad_accum_steps=1",
+                                      f"data.manifest={manifest}"])
+    torch.manual_seed(profile.train.seed)
+    model = Transformer(profile.model, seed=profile.train.seed)
+    opt, sched = build_optimizer(model.named_parameters(), profile.train)
+    samples = open_split(Manifest.load(manifest), "train", profile.data.seq_len, profile.data.seed)
+    losses = []
+    for step in range(steps):
+        x, y = samples.batch(micro_batch_positions(step, 0, 0, 16, 1, 16))
+        loss = causal_lm_loss(model(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), profile.train.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_both_engines_match_plain_pytorch_reference(prepared_data, zero3_run, pipe_run):
+    ref = reference_losses(prepared_data, 3)
+    for run in (zero3_run, pipe_run):
+        got = [train_losses(run)[s] for s in (1, 2, 3)]
+        # fp32 on the CPU; only the order of reductions differs (micro-batches, ranks, stages).
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4, err_msg=str(run))
+    assert ref[2] < ref[0]  # the steps really changed the weights
+
+
+def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        kids = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in kids if "pipeline.train" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def test_sigterm_checkpoints_and_resume_reproduces_losses(prepared_data, zero3_run, tmp_path):
+    out = tmp_path / "run"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--module", *zero3_args(prepared_data, out, "--set", "train.checkpoint_every=0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for the first step, then preempt like a scheduler would
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.05)
+    for p in _workers(proc):
+        p.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    assert "preempted: stopped after step" in output
+    stopped = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert 1 <= stopped < STEPS, "the run finished before the signal arrived"
+
+    run_deepspeed(zero3_args(prepared_data, out, "--resume", "auto"))
+    got, want = train_losses(out), train_losses(zero3_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # Bit-for-bit: same data order, same optimizer state, same reductions.
+    assert got == want
+
+
+def test_resume_on_a_different_number_of_ranks(prepared_data, zero3_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(zero3_run / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / f"global_step{STEPS}")
+    (out / "checkpoints" / "latest").write_text("global_step4\n")
+    # 1 rank instead of 2: accumulation 4 keeps the global batch at 16 sequences.
+    proc = run_deepspeed(["pipeline.train", *zero3_args(prepared_data, out, "--set", "train.grad_accum_steps=4")[1:]],
+                         nproc=1)
+    assert "converting to a universal checkpoint" in proc.stdout
+    got, want = train_losses(out), train_losses(zero3_run)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    # Same samples in the same order; only the reduction order differs from the 2-rank run.
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=2e-4)
+
+
+def test_samples_of_a_step_do_not_depend_on_world_size():
+    def step_positions(step, dp, mb, gbs):
+        accum = gbs // (mb * dp)
+        return sorted(p for m in range(accum) for r in range(dp) for p in micro_batch_positions(step, m, r, mb, dp, gbs))
+
+    for step in (0, 7):
+        want = list(range(step * 48, (step + 1) * 48))
+        assert step_positions(step, 1, 4, 48) == want
+        assert step_positions(step, 2, 4, 48) == want
+        assert step_positions(step, 3, 8, 48) == want
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_deepspeed(zero3_args(prepared_data, out), env=cpu_env(PIPELINE_KILL_DURING_SAVE_STEP=str(STEPS)),
+                         check=False)
+    assert proc.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "global_step4"
+    assert (ckpts / f"global_step{STEPS}").is_dir()  # the partial one is there, but not pointed to
+    # The previous checkpoint loads: resuming continues from step 4 and completes.
+    resumed = run_deepspeed(zero3_args(prepared_data, out, "--resume", "auto"))
+    assert "global_step4 at step 4" in resumed.stdout
+    assert (ckpts / "latest").read_text().strip() == f"global_step{STEPS}"
+
+
+def test_injected_nan_is_skipped_and_counted(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    run_deepspeed(zero3_args(prepared_data, out, "--set", "train.steps=4", "--set", "train.checkpoint_every=0"),
+                  env=cpu_env(PIPELINE_INJECT_NAN_STEPS="2"))
+    records = {r["step"]: r for r in read_metrics(out)}
+    assert math.isnan(records[2]["train/loss"])
+    assert records[1]["train/skipped_steps"] == 0
+    assert records[4]["train/skipped_steps"] == 1
+    assert math.isfinite(records[4]["train/loss"]) and records[4]["train/loss"] < records[1]["train/loss"]
+
+
+def test_consecutive_nan_steps_stop_the_run(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_deepspeed(zero3_args(prepared_data, out, "--set", "train.max_consecutive_skips=2",
+                                    "--set", "train.checkpoint_every=2"),
+                         env=cpu_env(PIPELINE_INJECT_NAN_STEPS="3,4,5"), check=False)
+    assert proc.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in proc.stderr + proc.stdout
+    assert max(train_losses(out)) == 4  # stopped right after the second skip
+
+
+def test_zero3_with_pipeline_is_refused_before_any_process_group(prepared_data, tmp_path):
+    proc = run_deepspeed(zero3_args(prepared_data, tmp_path / "run", "--set", "topology.engine=pipeline",
+                                    "--set", "topology.pipeline_stages=2"), check=False)
+    assert proc.returncode != 0
+    assert "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism" in proc.stderr
+    assert "zero3" in proc.stderr and "pipeline" in proc.stderr
+    assert "init_distributed" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()

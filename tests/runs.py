@@ -1,0 +1,50 @@
+"""Helpers for tests that run real DeepSpeed processes through the launcher on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The deepspeed launcher installed next to the interpreter running the tests.
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::FutureWarning")
+    env.update(extra)
+    return env
+
+
+def run_deepspeed(module_args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module pipeline.train ARGS` on the CPU, output captured."""
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--module", *module_args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
