@@ -233,7 +233,7 @@ def _fits(mem: Memory, usable: float) -> bool:
 
 
 def _ways_out(profile: Profile, nodes: int, gpn: int, usable: float, overrides: list[str],
-              vocab_size: int | None) -> list[str]:
+              vocab_size: int | None, combined: bool = False) -> list[str]:
     """Changes that make the plan fit, cheapest first: they cost nothing in throughput or little
     (smaller micro-batch, recomputation), then money (more nodes), then speed (offload)."""
     out = []
@@ -285,6 +285,15 @@ def _ways_out(profile: Profile, nodes: int, gpn: int, usable: float, overrides: 
                 m = memory(p, nodes, gpn)
                 out.append("offload optimizer states and weights to CPU (offload_optimizer and offload_param "
                            f"device cpu; needs {m.host_per_node / GiB:.0f} GiB host memory per node; much slower)")
+    cheap = ["train.activation_checkpointing=true", "train.micro_batch_size=1"]
+    if not out and not combined and (t.micro_batch_size > 1 or not t.activation_checkpointing):
+        # No single change is enough: try each again on top of the two that cost no memory to apply.
+        p = replanned(cheap, nodes)
+        if p is not None:
+            both = "--set train.activation_checkpointing=true --set train.micro_batch_size=1"
+            if _fits(memory(p, nodes, gpn), usable):
+                return [both]
+            out = [f"{both}, and {w}" for w in _ways_out(p, nodes, gpn, usable, overrides + cheap, vocab_size, True)]
     return out
 
 
@@ -364,8 +373,8 @@ def format_plan(plan: Plan) -> str:
         if plan.ways_out:
             lines.append(f"cheapest way out {plan.ways_out[0]}")
             lines += [f"  or             {w}" for w in plan.ways_out[1:]]
-        else:
-            lines.append("no single change found that fits; use a smaller model or a larger GPU")
+        elif not _fits(m, plan.usable):
+            lines.append("no change found that fits; use a smaller model or a larger GPU")
     return "\n".join(lines)
 
 
