@@ -1,0 +1,133 @@
+"""Preflight on a real prepared data set: all good passes; each broken thing is one line, and
+all of them are listed together."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_profile, parse_profile, read_profile_json
+from pipeline.preflight import checkpoint_bytes, main, run_preflight
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "ds_configs" / "tiny_cpu.json"
+
+
+@pytest.fixture(scope="session")
+def prep_dir(request, tmp_path_factory) -> Path:
+    """A directory written by `python -m data_prep run`: tests/conftest.py's `prepared_data` when
+    there is one, else a small run here (~10 s)."""
+    try:
+        return Path(request.getfixturevalue("prepared_data")).parent.parent
+    except pytest.FixtureLookupError:
+        out = tmp_path_factory.mktemp("preflight-data")
+        cfg = out / "prep.json"
+        cfg.write_text(json.dumps({
+            "sources": [{"name": "docs", "type": "site_packages", "max_bytes": 1_000_000}],
+            "filters": {"language": {"enabled": False}},
+            "tokenizer": {"vocab_size": 512, "sample_bytes": 500_000},
+            "executor": {"workers": 2}}))
+        subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(out / "prep")],
+                       cwd=REPO, check=True, capture_output=True, timeout=600)
+        return out / "prep"
+
+
+@pytest.fixture
+def prep(prep_dir, tmp_path) -> Path:
+    """A private copy to break."""
+    dst = tmp_path / "prep"
+    shutil.copytree(prep_dir / "shards", dst / "shards")
+    shutil.copytree(prep_dir / "tokenizer", dst / "tokenizer")
+    return dst
+
+
+def _raw(*overrides):
+    from pipeline.config import apply_overrides
+
+    return parse_profile(apply_overrides(read_profile_json(TINY), list(overrides)), str(TINY))
+
+
+def _vocab(prep: Path) -> int:
+    return json.loads((prep / "shards" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+
+
+def test_all_good(prep, tmp_path):
+    manifest = prep / "shards" / "manifest.json"
+    assert run_preflight(_raw(), manifest, tmp_path / "run", 2) == []
+    resolved = load_profile(TINY, 2, vocab_size=_vocab(prep))
+    assert run_preflight(resolved, manifest, tmp_path / "run", 2) == []
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_every_failure_is_listed_one_line_each(prep, tmp_path):
+    manifest = prep / "shards" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    shard = prep / "shards" / m["shards"][0]["path"]
+    shard.unlink()  # a missing shard
+    (prep / "tokenizer" / "tokenizer.model").write_bytes(b"not a tokenizer")  # another tokenizer
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the run directory should be")
+    raw = _raw("model.vocab_size=100", "topology.engine=pipeline", "topology.pipeline_stages=2")
+    failures = run_preflight(raw, manifest, blocked / "run", 3)
+    text = "\n".join(failures)
+    assert all("\n" not in f for f in failures)
+    assert f"shard {shard.name} is listed but missing" in text
+    assert "model.vocab_size=100 is smaller than the tokenizer's" in text
+    assert "sha256" in text and "not the manifest's" in text
+    assert "not a SentencePiece model" in text
+    assert "world size 3" in text and "pipeline_stages=2" in text
+    assert "not writable" in text
+    assert len(failures) >= 6
+
+
+def test_batch_arithmetic(prep, tmp_path):
+    raw = _raw("train.grad_accum_steps=auto", "train.global_batch_size=20")
+    failures = run_preflight(raw, prep / "shards" / "manifest.json", tmp_path / "run", 2)
+    assert len(failures) == 1 and "train.global_batch_size" in failures[0] and "micro_batch_size 8" in failures[0]
+
+
+def test_tokenizer_vocabulary_must_match_the_manifest(prep, tmp_path):
+    manifest = prep / "shards" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["tokenizer"]["vocab_size"] += 1
+    m["tokenizer"]["eos_id"] = 7
+    manifest.write_text(json.dumps(m))
+    text = "\n".join(run_preflight(_raw(), manifest, tmp_path / "run", 2))
+    assert "vocabulary size is" in text and "eos_id is 2" in text
+
+
+def test_missing_manifest_and_mixture(tmp_path):
+    failures = run_preflight(_raw('data.mixture={"web": 1.0}'), tmp_path / "nope.json", tmp_path / "run", 2)
+    assert len(failures) == 1 and "manifest not found" in failures[0]
+
+
+def test_room_for_a_checkpoint(prep, tmp_path, monkeypatch):
+    import pipeline.preflight as pf
+
+    resolved = load_profile(TINY, 2, vocab_size=_vocab(prep))
+    need = checkpoint_bytes(resolved)
+    assert need == resolved.model.num_params() * 12  # fp32 profile: weights 4 + Adam 8
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
+    failures = run_preflight(resolved, prep / "shards" / "manifest.json", tmp_path / "run", 2)
+    assert len(failures) == 1 and "GiB free" in failures[0] and "needs" in failures[0]
+
+
+def test_cli(prep, tmp_path, capsys):
+    manifest = str(prep / "shards" / "manifest.json")
+    args = ["--profile", str(TINY), "--manifest", manifest, "--out", str(tmp_path / "run")]
+    assert main(args + ["--gpus-per-node", "2"]) == 0
+    assert "preflight: ok" in capsys.readouterr().out
+    assert main(args + ["--world-size", "2", "--set", "train.global_batch_size=20",
+                        "--set", "train.grad_accum_steps=auto"]) == 1
+    err = capsys.readouterr().err
+    assert "preflight: batch:" in err and "1 problem(s)" in err
+    os.environ.pop("WORLD_SIZE", None)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
