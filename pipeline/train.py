@@ -92,6 +92,16 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.preflight import run_preflight
+
+    # `python -m pipeline.preflight`'s checks, from files only, so every rank reaches its verdict
+    # before any process group exists; rank 0 and each node's first rank report (a node can miss a mount).
+    failures = run_preflight(profile, raw.data.manifest, args.out, world)
+    if failures:
+        if rank == 0 or args.local_rank == 0:
+            for line in failures:
+                print(f"preflight (rank {rank}): {line}", file=sys.stderr)
+        return 2
     init_distributed()
 
     out = Path(args.out)
