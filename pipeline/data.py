@@ -10,12 +10,21 @@ is sample `perm_e[p mod n]` with e = p // n the epoch and perm_e a permutation s
 of an optimizer step do not depend on how many ranks share it, and resuming from a consumed-
 sample count continues the same order on any world size.
 
+Sources are mixed by weight (`data.mixture`; default: in proportion to their tokens). The
+global sample index — which source, and which draw of that source, fills each position of a
+blend epoch — is built once, deterministically from the seed, and cached beside the shards in
+`index/` (`.npy`, memory-mapped, written under a temporary name and renamed). Each source
+keeps its own per-epoch permutation, so an up-weighted source repeats its samples only after
+it has used them all.
+
 Shards are memory-mapped; a sample touches only the pages it spans.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +158,8 @@ class TokenStream:
 class PackedSamples:
     """Windows of seq_len + 1 tokens over a token stream, in a seeded order per epoch."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int):
-        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, stream_id: int = 0):
+        self.stream, self.seq_len, self.seed, self.stream_id = stream, seq_len, seed, stream_id
         self.num_samples = (stream.num_tokens - 1) // seq_len
         if self.num_samples < 1:
             raise ManifestError(f"only {stream.num_tokens} tokens: fewer than one sample of seq_len {seq_len}")
@@ -158,7 +167,8 @@ class PackedSamples:
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_samples)
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.stream_id, epoch]))
+            self._perm = rng.permutation(self.num_samples)
             self._perm_epoch = epoch
         return self._perm
 
@@ -184,5 +194,90 @@ def micro_batch_positions(step: int, micro: int, rank: int, micro_batch_size: in
     return range(start, start + micro_batch_size)
 
 
-def open_split(manifest: Manifest, split: str, seq_len: int, seed: int) -> PackedSamples:
-    return PackedSamples(TokenStream(manifest, manifest.split_shards(split)), seq_len, seed)
+def blend_counts(sizes: list[int], weights: list[float]) -> np.ndarray:
+    """Draws per source in one blend epoch of sum(sizes) positions, proportional to `weights`
+    (largest-remainder rounding, so the counts add up exactly)."""
+    total = sum(sizes)
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    exact = w * total
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[i] += 1
+    return counts
+
+
+def build_blend_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source id, draw number) for each position: each source's draws spread evenly over the
+    epoch (draw k of source s at time (k + ½) / counts[s]), ties broken by source id."""
+    times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c]) if counts.sum() else np.empty(0)
+    ids = np.concatenate([np.full(c, s, dtype=np.int32) for s, c in enumerate(counts) if c])
+    draws = np.concatenate([np.arange(c, dtype=np.int64) for c in counts if c])
+    order = np.lexsort((ids, times))
+    return ids[order], draws[order]
+
+
+class BlendedSamples:
+    """Several sources' samples in fixed proportions; `at(position)` for any position ≥ 0."""
+
+    def __init__(self, sources: list[PackedSamples], weights: list[float], cache_dir: Path | None, key: str):
+        self.sources = sources
+        self.seq_len = sources[0].seq_len
+        self.counts = blend_counts([s.num_samples for s in sources], weights)
+        self.num_samples = int(self.counts.sum())
+        self.ids, self.draws = self._load_or_build(cache_dir, key)
+
+    def _load_or_build(self, cache_dir: Path | None, key: str) -> tuple[np.ndarray, np.ndarray]:
+        if cache_dir is not None:
+            paths = [cache_dir / f"{key}-{part}.npy" for part in ("source", "draw")]
+            if all(p.exists() for p in paths):
+                return tuple(np.load(p, mmap_mode="r") for p in paths)  # type: ignore[return-value]
+        arrays = build_blend_index(self.counts)
+        if cache_dir is not None:
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                for path, arr in zip(paths, arrays):
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    with open(tmp, "wb") as f:
+                        np.save(f, arr)
+                    os.replace(tmp, path)  # every rank writes identical bytes; the last rename wins
+            except OSError:
+                pass  # a read-only data directory: keep the index in memory
+        return arrays
+
+    def at(self, position: int) -> np.ndarray:
+        epoch, i = divmod(position, self.num_samples)
+        s = int(self.ids[i])
+        return self.sources[s].at(epoch * int(self.counts[s]) + int(self.draws[i]))
+
+    def batch(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.stack([self.at(p) for p in positions])
+        return rows[:, :-1], rows[:, 1:]
+
+
+def open_split(manifest: Manifest, split: str, seq_len: int, seed: int,
+               mixture: dict[str, float] | None = None) -> BlendedSamples:
+    """The samples of `split`, sources mixed by `mixture` (source → weight; empty or None: in
+    proportion to their tokens, i.e. every sample once per epoch)."""
+    shards = manifest.split_shards(split)
+    names = sorted({s.source for s in shards})
+    if not names:
+        raise ManifestError(f"{manifest.path}: no shards of split {split!r}")
+    mixture = dict(mixture or {})
+    unknown = sorted(set(mixture) - set(names))
+    if unknown:
+        raise ManifestError(f"data.mixture: source(s) {unknown} not in {manifest.path} (it has {names})")
+    if mixture and any(w < 0 for w in mixture.values()):
+        raise ManifestError(f"data.mixture: weights must be ≥ 0 (got {mixture})")
+    sources, weights = [], []
+    for i, name in enumerate(names):
+        if mixture and mixture.get(name, 0.0) == 0.0:
+            continue
+        samples = PackedSamples(TokenStream(manifest, [s for s in shards if s.source == name]), seq_len, seed, i)
+        sources.append(samples)
+        weights.append(mixture[name] if mixture else samples.num_samples)
+    if not sources:
+        raise ManifestError(f"data.mixture: every weight is 0 (got {mixture})")
+    ident = json.dumps({"split": split, "seq_len": seq_len, "seed": seed, "weights": weights,
+                        "shards": [s.sha256 for s in shards], "sources": names}, sort_keys=True)
+    key = f"{split}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    return BlendedSamples(sources, weights, manifest.path.parent / "index", key)

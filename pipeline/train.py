@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
@@ -26,6 +27,7 @@ from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_s
 from pipeline.checkpoint import CheckpointError, Checkpoints
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
+from pipeline.model import ModelConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto",
                    help="'auto': continue from the newest complete checkpoint in OUT/checkpoints if any; "
                         "'none': start fresh (refused if checkpoints exist); or a tag such as global_step100")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these weights (a directory written by python -m pipeline.import_hf) instead of "
+                        "a random init; ignored when resuming from a checkpoint")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -74,6 +79,17 @@ def all_ranks_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return t.item() / torch.distributed.get_world_size()
+
+
+def load_init_weights(path: str, model: ModelConfig) -> dict:
+    from pipeline.hf import load_init_dir
+
+    cfg, state = load_init_dir(path)
+    shape = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size")
+    diff = [f"{k} {getattr(cfg, k)} ≠ {getattr(model, k)}" for k in shape if getattr(cfg, k) != getattr(model, k)]
+    if diff:
+        raise ValueError(f"the imported model does not match the profile's model: {', '.join(diff)}")
+    return state
 
 
 def main(argv=None) -> int:
@@ -130,11 +146,22 @@ def main(argv=None) -> int:
         if universal:
             profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
 
+    init_state = None
+    if args.init_from and not load_tag and (rank == 0 or profile.topology.engine == "pipeline"):
+        try:
+            init_state = load_init_weights(args.init_from, profile.model)
+        except (OSError, KeyError, ValueError) as e:
+            print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+            return 2  # the other ranks fail at their next collective; the launcher reports this rank
+
     torch.manual_seed(t.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
 
-    engine = build_engine(profile)
-    train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed)
+    engine = build_engine(profile, init_state)
+    del init_state
+    if args.init_from and not load_tag and rank == 0:
+        print(f"initialised from {args.init_from}", flush=True)
+    train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
     val_shards = manifest.split_shards("validation")
     val_samples = open_split(manifest, "validation", profile.data.seq_len, profile.data.seed) if val_shards else None
 
@@ -183,6 +210,8 @@ def main(argv=None) -> int:
             values["perf/mfu"] = tflops_per_dev * 1e12 / peak
         if torch.cuda.is_available():
             values["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            values["mem/rss_gb"] = psutil.Process().memory_info().rss / 2**30
         if val_samples is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             losses = [engine.eval_loss(micro_batches(val_samples, b)) for b in range(t.eval_batches)]
             values["val/loss"] = all_ranks_mean(sum(losses) / len(losses))

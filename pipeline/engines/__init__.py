@@ -10,11 +10,13 @@ An engine offers the same few calls to the training loop:
 from pipeline.config import Profile
 
 
-def build_engine(profile: Profile):
+def build_engine(profile: Profile, init_state=None):
+    """`init_state`: weights in the plain model's names to start from (--init-from), or None.
+    ZeRO-3 needs them on rank 0 only; the pipeline engine on every rank."""
     if profile.topology.engine == "zero3":
         from pipeline.engines.zero3 import Zero3Engine
 
-        return Zero3Engine(profile)
+        return Zero3Engine(profile, init_state)
     from pipeline.engines.pipe import PipelineEngine
 
-    return PipelineEngine(profile)
+    return PipelineEngine(profile, init_state)

@@ -79,11 +79,21 @@ def build_pipeline_module(cfg: ModelConfig, stages: int, seed: int, activation_c
         activation_checkpoint_func=_checkpoint, checkpointable_layers=["BlockLayer"])
 
 
+def pipeline_name(layer_index: int, name: str, n_layers: int) -> str:
+    """The plain model's parameter name of parameter `name` of pipeline layer `layer_index`."""
+    return f"layers.{layer_index - 1}.{name}" if 1 <= layer_index <= n_layers else name
+
+
 class PipelineEngine:
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
         module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train.seed,
                                        profile.train.activation_checkpointing)
+        if init_state is not None:  # --init-from: every stage copies its own layers, before the optimizer exists
+            with torch.no_grad():
+                for full_name, p in module.named_parameters():
+                    idx, name = full_name.split(".", 1)
+                    p.copy_(init_state[pipeline_name(int(idx), name, profile.model.n_layers)])
         optimizer, scheduler = build_optimizer(module.named_parameters(), profile.train)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)

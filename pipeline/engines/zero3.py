@@ -12,12 +12,16 @@ from pipeline.optim import build_optimizer
 
 
 class Zero3Engine:
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
         # Built under zero.Init so no rank ever holds the whole model: each parameter is
         # partitioned as soon as its module is constructed (the 7B model never materialises).
         with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
             model = Transformer(profile.model, seed=profile.train.seed)
+        # --init-from: rank 0 holds the weights; each parameter is gathered, overwritten on rank 0
+        # and re-partitioned. Done before deepspeed.initialize, which copies the partitions into
+        # the optimizer's fp32 master weights. A no-op (one broadcast) without --init-from.
+        _load_partitioned(model, init_state)
         if profile.train.activation_checkpointing:
             model = _checkpointed(model)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
@@ -66,6 +70,18 @@ class Zero3Engine:
     def load(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         return client_state
+
+
+def _load_partitioned(model: Transformer, state: dict[str, torch.Tensor] | None) -> None:
+    rank = torch.distributed.get_rank()
+    flag = torch.tensor([0 if rank != 0 else (1 if state is not None else 0)])
+    torch.distributed.broadcast(flag, 0)
+    if not flag.item():
+        return
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(state[name])
 
 
 def _checkpointed(model: Transformer) -> Transformer:

@@ -1,0 +1,38 @@
+import torch
+
+from pipeline.engines.pipe import BlockLayer, EmbeddingLayer, HeadLayer
+from pipeline.engines.zero3 import _checkpointed
+from pipeline.model import PRESETS, Transformer, causal_lm_loss
+
+
+def grads(model, tokens):
+    model.zero_grad()
+    causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    cfg = PRESETS["tiny"]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    plain = grads(Transformer(cfg, seed=5), tokens)
+    recomputed = grads(_checkpointed(Transformer(cfg, seed=5)), tokens)
+    assert plain.keys() == recomputed.keys()
+    for n in plain:
+        torch.testing.assert_close(recomputed[n], plain[n], rtol=0, atol=0)
+
+
+def test_pipeline_layers_start_from_the_plain_models_weights():
+    cfg = PRESETS["tiny"]
+    plain = Transformer(cfg, seed=9).state_dict()
+    layers = [EmbeddingLayer(cfg, 9)] + [BlockLayer(cfg, 9, i) for i in range(cfg.n_layers)] + [HeadLayer(cfg, 9)]
+    got = {}
+    for idx, layer in enumerate(layers):
+        for name, t in layer.state_dict().items():
+            got[name if idx in (0, cfg.n_layers + 1) else f"layers.{idx - 1}.{name}"] = t
+    assert got.keys() == plain.keys()
+    assert all(torch.equal(got[k], plain[k]) for k in plain)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    h = tokens
+    for layer in layers:
+        h = layer(h)
+    torch.testing.assert_close(h, Transformer(cfg, seed=9)(tokens), rtol=0, atol=0)
