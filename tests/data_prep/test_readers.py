@@ -95,3 +95,12 @@ def test_unopenable_file_is_an_error_naming_it(tmp_path):
         list(read_file("parquet", str(bad), "g", "text", None, 1 << 20))
     with pytest.raises(ReadError, match="missing.jsonl"):
         list(read_file("jsonl", str(tmp_path / "missing.jsonl"), "m", "text", None, 1 << 20))
+
+
+def test_cleaning_repairs_mojibake_and_normalises():
+    c = Cleaner(CleanConfig(pii=True))
+    assert c.clean("  The caf\u00c3\u00a9 menu  \r\n\r\n\r\n\n  next\u00a0line \u200b ") == "The café menu\n\nnext line"
+    assert c.clean("e\u0301te\u0301") == "été"  # NFC
+    assert c.clean("write to a.b@example.org from 10.0.0.1") == "write to email@example.com from 192.0.2.1"
+    h = Cleaner(CleanConfig(), html=True)
+    assert h.clean("<html><head><script>x=1</script></head><body><p>Hello <b>world</b></p><p>Two</p></body></html>") == "Hello world\nTwo"
