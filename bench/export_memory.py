@@ -110,8 +110,7 @@ def write_zero3_checkpoint(root: Path, cfg: ModelConfig, world: int, step: int =
             "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
             "ds_config": ds_config,
             "ds_version": "0.19.8",
-            "step": step,
-            "consumed_samples": step * 8 * world,
+            "step": step,  # the trainer's client state
         }
         torch.save(model_state, tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
         optim_state = {

@@ -1,0 +1,348 @@
+"""Export of real 2-process CPU checkpoints of both engines to Hugging Face directories.
+
+One short DeepSpeed run per engine is shared by the module (about 20 s each on 2 cores).
+"""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint_io import CheckpointError, Zero3Reader, load_file
+from pipeline.export import export, main, model_config_from_profile, read_run_profile
+from pipeline.model import Transformer
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def licence_texts() -> list[str]:
+    out = []
+    for f in sorted(glob.glob(os.path.join(sys.prefix, "lib/python3*/site-packages/*.dist-info/LICENSE*"))):
+        try:
+            out.append(Path(f).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            pass
+    return out
+
+
+def build_prepared(root: Path) -> Path:
+    """Token shards + tokenizer as `python -m data_prep run` writes them (docs/formats.md)."""
+    import pyarrow as pa
+    import pyarrow.ipc
+    import sentencepiece as spm
+
+    tokenizer = pytest.importorskip("data_prep.tokenizer")
+    from data_prep.config import TokenizerConfig
+
+    texts = licence_texts()
+    tokdir, shards = root / "tokenizer", root / "shards"
+    shards.mkdir(parents=True)
+    sample = root / "sample.txt"
+    sample.write_text("\n".join(texts))
+    model = tokenizer.train_sentencepiece(sample, tokdir, TokenizerConfig(vocab_size=1000, max_sentence_length=100000), 2)
+    tokenizer.export_hf(model, tokdir)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    entries = []
+    for split, docs in (("validation", texts[:1]), ("train", texts[1:])):
+        ids = [[1] + sp.encode(t) + [2] for t in docs]
+        table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.uint16()))})
+        path = shards / f"{split}-00000.arrow"
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+        entries.append({"path": path.name, "split": split, "source": "default", "documents": len(ids),
+                        "tokens": sum(map(len, ids)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = {
+        "format": "arrow-token-shards", "version": 1, "column": "input_ids", "dtype": "uint16",
+        "add_bos": True, "add_eos": True,
+        "tokenizer": {"model": "../tokenizer/tokenizer.model", "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+                      "vocab_size": sp.get_piece_size(), "bos_id": 1, "eos_id": 2, "pad_id": -1, "unk_id": 0},
+        "shards": entries,
+        "splits": {e["split"]: {"documents": e["documents"], "tokens": e["tokens"]} for e in entries},
+        "sources": {}, "config": {}, "config_sha256": "",
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return shards / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def manifest(request, tmp_path_factory) -> Path:
+    try:
+        return Path(request.getfixturevalue("prepared_data"))
+    except pytest.FixtureLookupError:
+        return build_prepared(tmp_path_factory.mktemp("prep"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(out: Path, manifest: Path, profile: Path, *overrides: str) -> Path:
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline.train",
+           "--profile", str(profile), "--out", str(out), "--set", f"data.manifest={manifest}",
+           "--set", "train.steps=3", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0", *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (out / "checkpoints" / "latest").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_run(manifest, tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("zero3") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(manifest, tmp_path_factory) -> Path:
+    if not (REPO / "pipeline" / "engines" / "pipe.py").exists():
+        pytest.skip("pipeline engine (pipeline/engines/pipe.py) not in this tree yet")
+    tmp = tmp_path_factory.mktemp("pipe")
+    profile = json.loads((REPO / "ds_configs" / "tiny_cpu.json").read_text())
+    profile["topology"] = {"engine": "pipeline", "pipeline_stages": 2}
+    profile["deepspeed"]["zero_optimization"] = {"stage": 1}
+    (tmp / "profile.json").write_text(json.dumps(profile))
+    return train(tmp / "run", manifest, tmp / "profile.json")
+
+
+@pytest.fixture(params=["zero3", "pipeline"])
+def run(request) -> Path:
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def real_tokens(manifest: Path, n: int = 2, length: int = 48) -> torch.Tensor:
+    from pipeline.data import Manifest, open_split
+
+    samples = open_split(Manifest.load(manifest), "train", length, 0)
+    return torch.from_numpy(samples.batch(range(n))[0])
+
+
+def our_model(run: Path) -> Transformer:
+    """Our model with the checkpoint's weights, read independently of the exporter's writer."""
+    from pipeline.checkpoint_io import open_checkpoint
+
+    tag_dir = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    profile = read_run_profile(tag_dir)
+    cfg = model_config_from_profile(profile)
+    model = Transformer(cfg)
+    model.load_state_dict(dict(open_checkpoint(tag_dir, profile["topology"]["engine"], cfg).tensors()))
+    return model.eval()
+
+
+def test_zero3_reader_matches_deepspeed_zero_to_fp32(zero3_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = zero3_run / "checkpoints" / "global_step3"
+    cfg = model_config_from_profile(read_run_profile(tag_dir))
+    ours = dict(Zero3Reader(tag_dir, cfg).tensors())
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag="global_step3")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
+    """bench/export_memory.py's synthetic ZeRO-3 files: same structure as a real run's, and
+    DeepSpeed's own zero_to_fp32 and our reader both recover exactly the weights written."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    spec = importlib.util.spec_from_file_location("export_memory", REPO / "bench" / "export_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = zero3_run / "checkpoints" / "global_step3"
+    profile = read_run_profile(real)
+    cfg = model_config_from_profile(profile)
+    full = bench.write_zero3_checkpoint(tmp_path, cfg, world=2, step=3, profile=profile)
+
+    trainer_keys = {"ds_config", "step", "consumed_samples", "run_id"}  # the config and the trainer's client state
+
+    def structure(x, depth=0):
+        if isinstance(x, dict) and depth < 4:
+            return {k: structure(v, depth + 1) for k, v in x.items() if not (depth == 0 and k in trainer_keys)}
+        if isinstance(x, (list, tuple)) and depth < 4:
+            return [structure(v, depth + 1) for v in x]
+        return type(x).__name__ if not isinstance(x, torch.Size) else tuple(x)
+
+    for name in ("zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        a = torch.load(real / name, weights_only=False)
+        b = torch.load(tmp_path / "global_step3" / name, weights_only=False)
+        assert structure(a) == structure(b), name
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="global_step3")
+    ours = dict(Zero3Reader(tmp_path / "global_step3", cfg).tensors())
+    for k in full:
+        assert torch.equal(ref[k], full[k]) and torch.equal(ours[k], full[k]), k
+
+
+def test_export_loads_matches_and_generates(run, manifest, tmp_path):
+    import sentencepiece as spm
+    import transformers
+
+    out = export(run, tmp_path / "hf", max_shard_size="200KB", check=True)
+    names = sorted(p.name for p in out.iterdir())
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for f in ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md", "tokenizer.model",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert f in names
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = real_tokens(manifest)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, our_model(run)(tokens), atol=1e-5, rtol=0)
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    for text in licence_texts()[:8]:
+        sample = text[:3000]
+        assert tok(sample)["input_ids"] == [1] + sp.encode(sample)
+    generated = hf.generate(**tok("Permission is hereby granted", return_tensors="pt"), max_new_tokens=8,
+                            do_sample=False, pad_token_id=tok.eos_token_id)
+    assert generated.shape[1] > len(tok("Permission is hereby granted")["input_ids"])
+
+    card = (out / "README.md").read_text()
+    tokens_seen = 3 * json.loads((run / "profile.json").read_text())["train"]["global_batch_tokens"]
+    for fact in ("| steps | 3 |", f"| tokens seen | {tokens_seen:,} |", str(manifest), "largest logit"):
+        assert fact in card
+    assert re.search(r"\| final training loss \| \d+\.\d{4} \|", card)
+
+
+def test_export_bf16_with_verify(zero3_run, tmp_path, capsys):
+    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "hf"), "--dtype", "bf16", "--verify"]) == 0
+    assert "verified: largest logit difference" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    with safe_open(str(tmp_path / "hf" / index["weight_map"]["lm_head.weight"]), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+
+
+def test_export_of_an_earlier_tag_and_verify_failure(zero3_run, tmp_path, monkeypatch, capsys):
+    import pipeline.export as ex
+
+    out = export(zero3_run, tmp_path / "step2", tag="global_step2")
+    assert "| steps | 2 |" in (out / "README.md").read_text()
+    monkeypatch.setitem(ex.VERIFY_TOLERANCE, "bf16", 0.0)  # no bf16 export is that exact
+    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "bad"), "--dtype", "bf16", "--verify"]) == 3
+    assert "verification failed" in capsys.readouterr().err
+    assert_nothing_left(tmp_path / "bad")
+
+
+# --- bad input: a clear error and no output directory -------------------------------------
+
+def assert_nothing_left(out: Path):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("tensorboard"))
+    return dst
+
+
+def expect_error(capsys, ckpt: Path, out: Path, message: str, *args: str):
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1, err  # one line
+    assert_nothing_left(out)
+
+
+def z3(run: Path, tag: str = "global_step3") -> Path:
+    return run / "checkpoints" / tag
+
+
+def test_bad_zero3_checkpoints(zero3_run, tmp_path, capsys):
+    run = copy_run(zero3_run, tmp_path / "run")
+    out = tmp_path / "out" / "hf"
+    expect_error(capsys, run, out, "no checkpoint tagged 'global_step9'", "--tag", "global_step9")
+
+    optim1 = z3(run) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    saved = optim1.read_bytes()
+    optim1.unlink()
+    expect_error(capsys, run, out, "optimizer file(s) of rank(s) [1] missing")
+    optim1.write_bytes(saved[: len(saved) // 2])  # truncated by a crash or a full disk
+    expect_error(capsys, run, out, "cannot be read safely")
+    optim1.write_bytes(saved)
+
+    for kind in ("model", "optim"):
+        shutil.copy(z3(run) / f"zero_pp_rank_1_mp_rank_00_{kind}_states.pt", z3(run) / f"zero_pp_rank_2_mp_rank_00_{kind}_states.pt")
+    expect_error(capsys, run, out, "extra model-state file(s) of rank(s) [2]")
+    for kind in ("model", "optim"):
+        (z3(run) / f"zero_pp_rank_2_mp_rank_00_{kind}_states.pt").unlink()
+
+    model1 = z3(run) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    saved = model1.read_bytes()
+    shutil.copy(z3(run, "global_step2") / model1.name, model1)  # a file from another step
+    expect_error(capsys, run, out, "global_steps differs")
+    model1.write_bytes(saved)
+
+    for f in sorted(z3(run).glob("*_model_states.pt")):  # a parameter our model does not have
+        state = torch.load(f, weights_only=False)
+        state["param_shapes"][1]["layers.0.attention.wq.bias"] = state["param_shapes"][1].pop("norm.weight")
+        torch.save(state, f)
+    expect_error(capsys, run, out, "unknown parameter name(s) ['layers.0.attention.wq.bias']")
+
+    (run / "checkpoints" / "latest").unlink()
+    expect_error(capsys, run, out, "no 'latest' file")
+
+
+def test_unrestricted_pickle_is_refused(zero3_run, tmp_path, capsys):
+    run = copy_run(zero3_run, tmp_path / "run")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    f = z3(run) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    state = torch.load(f, weights_only=False)
+    state["lr_scheduler"] = Payload()
+    torch.save(state, f)
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_file(f)
+    expect_error(capsys, run, tmp_path / "hf", "cannot be read safely")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_pipeline_checkpoints(pipeline_run, tmp_path, capsys):
+    run = copy_run(pipeline_run, tmp_path / "run")
+    out = tmp_path / "hf"
+    tag = z3(run)
+    n = model_config_from_profile(read_run_profile(tag)).n_layers
+    last = tag / f"layer_{n + 1:02d}-model_states.pt"
+    saved = last.read_bytes()
+    last.unlink()
+    expect_error(capsys, run, out, f"layer_{n + 1:02d}-model_states.pt'] missing")
+    last.write_bytes(saved)
+
+    shutil.copy(last, tag / f"layer_{n + 2:02d}-model_states.pt")
+    expect_error(capsys, run, out, f"extra layer file(s) ['layer_{n + 2:02d}-model_states.pt']")
+    (tag / f"layer_{n + 2:02d}-model_states.pt").unlink()
+
+    first = tag / "layer_01-model_states.pt"
+    state = torch.load(first, weights_only=True)
+    state["attention.wq.bias"] = torch.zeros(1)
+    torch.save(state, first)
+    expect_error(capsys, run, out, "unknown parameter name(s) ['layers.0.attention.wq.bias']")
+
+
+def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipeline_run):
+    tag = z3(pipeline_run)
+    n = model_config_from_profile(read_run_profile(tag)).n_layers
+    have = sorted(p.name for p in tag.glob("layer_*"))
+    assert have == [f"layer_{i:02d}-model_states.pt" for i in range(n + 2)]
+    assert json.loads((tag / "profile.json").read_text())["topology"]["engine"] == "pipeline"
+
