@@ -73,7 +73,8 @@ def run_ours(corpus: Path, model: Path, work: Path, workers: int) -> dict:
         t[st.name] = time.perf_counter() - t0
     return {"read+filter+signatures": t["prepare"],
             "dedup (buckets+cluster)": t["exact_dedup"] + t["near_dedup"] + t["merge_dedup"],
-            "tokenize+write": t["tokenize"] + t["train_tokenizer"] + t["finalize"],
+            "tokenize+write": t["tokenize"],
+            "finalize (manifest, stats, plots)": t["train_tokenizer"] + t["finalize"],
             "kept_docs": json.loads((work / "stats.json").read_text())["records"]["kept"]}
 
 
@@ -133,22 +134,22 @@ def micro(corpus: Path, model: Path, mb_limit: float = 8) -> dict:
                 break
     mb = size / 1e6
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    t0 = time.perf_counter()
-    for i in range(0, len(texts), 1024):
-        sp.encode(texts[i : i + 1024])
-    t_sp = time.perf_counter() - t0
     import tempfile
 
-    with tempfile.TemporaryDirectory() as d:
-        w = ShardWriter(Path(d), "train", 0, id_dtype(sp.get_piece_size()), 1 << 40, "bench")
-        t0 = time.perf_counter()
-        for i in range(0, len(texts), 1024):
-            w.write(sp.encode(texts[i : i + 1024], add_bos=True, add_eos=True))
-        w.close()
-        t_ours = time.perf_counter() - t0
-    # MinHash: the same word 5-gram shingles for both (strings for rensa, their hashes for us).
     import rensa
 
+    def sp_direct():
+        for i in range(0, len(texts), 1024):
+            sp.encode(texts[i : i + 1024])
+
+    def our_tokenize():
+        with tempfile.TemporaryDirectory() as d:
+            w = ShardWriter(Path(d), "train", 0, id_dtype(sp.get_piece_size()), 1 << 40, "bench")
+            for i in range(0, len(texts), 1024):
+                w.write(sp.encode(texts[i : i + 1024], add_bos=True, add_eos=True))
+            w.close()
+
+    # MinHash: the same word 5-gram shingles for both (strings for rensa, their hashes for us).
     shingles = []
     for t in texts:
         w_ = normalise_for_shingles(t).decode("utf-8", "replace").split()
@@ -156,18 +157,23 @@ def micro(corpus: Path, model: Path, mb_limit: float = 8) -> dict:
     hashes, offsets = shingle_hashes(texts, 5)
     mh = MinHasher(112)
     mh(texts[:4], 5)  # compile the numba kernel outside the timing (cached on disk afterwards)
-    t0 = time.perf_counter()
-    mh.signatures(hashes, offsets)
-    t_ours_sig = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for s in shingles:
-        m = rensa.RMinHash(num_perm=112, seed=1)
-        m.update(s)
-        m.digest()
-    t_rensa = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mh(texts, 5)
-    t_ours_text = time.perf_counter() - t0
+
+    def rensa_sigs():
+        for s in shingles:
+            m = rensa.RMinHash(num_perm=112, seed=1)
+            m.update(s)
+            m.digest()
+
+    fns = {"sp": sp_direct, "ours_tok": our_tokenize, "ours_sig": lambda: mh.signatures(hashes, offsets),
+           "rensa": rensa_sigs, "ours_text": lambda: mh(texts, 5)}
+    best = {k: float("inf") for k in fns}
+    # Best of 5, interleaved: the machine may be shared, and the minimum is the least disturbed.
+    for _ in range(5):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    t_sp, t_ours, t_ours_sig, t_rensa, t_ours_text = (best[k] for k in fns)
     return {"MB": mb, "sentencepiece_direct_MBps": mb / t_sp, "our_tokenize_stage_MBps": mb / t_ours,
             "minhash_ours_from_shingles_MBps": mb / t_ours_sig, "minhash_rensa_from_shingles_MBps": mb / t_rensa,
             "minhash_ours_from_text_MBps": mb / t_ours_text}
@@ -201,7 +207,7 @@ def main() -> None:
     rows = {}
     for k in ("read+filter+signatures", "dedup (buckets+cluster)", "tokenize+write"):
         rows[k] = (ours[k], dt[k])
-    rows["whole pipeline"] = (sum(ours[k] for k in rows), sum(dt[k] for k in rows))
+    rows["whole pipeline"] = (sum(ours[k] for k in rows) + ours["finalize (manifest, stats, plots)"], sum(dt[k] for k in rows))
     result = {"corpus_MB": mb, "workers": args.workers, "stages": {}}
     for k, (o, d) in rows.items():
         po, pd = mb / (o * args.workers), mb / (d * args.workers)

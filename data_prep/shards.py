@@ -123,7 +123,7 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
                 outcome = EXACT_DUP if kind == KIND_EXACT else NEAR_DUP
                 records[outcome] += 1
                 nbytes[outcome] += n
-                dup_log.append({"id": doc_id, "outcome": outcome, "survivor": id_lookup(survivor)})
+                dup_log.append({"id": doc_id, "outcome": outcome, "survivor": survivor})
                 continue
             records[KEPT] += 1
             nbytes[KEPT] += n
@@ -143,6 +143,9 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
     for w in writers.values():
         w.close()
     if dup_log:
+        names = id_lookup([d["survivor"] for d in dup_log])
+        for d in dup_log:
+            d["survivor"] = names[d["survivor"]]
         atomic_write_text(work / "tokenize" / f"task-{task.index:05d}.duplicates.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dup_log))
     result = {

@@ -64,18 +64,22 @@ class Context:
     def task_dirs(self) -> list[Path]:
         return [self.prepare_dir / f"task-{t.index:05d}" for t in self.plan]
 
-    def locate(self, gid: int) -> str:
-        """A document's id, for reports ("which copy survived")."""
+    def locate(self, gids: list[int]) -> dict[int, str]:
+        """Document ids of the given gids (for reports: which copy survived), one pass over
+        each task file involved."""
         import pyarrow as pa
 
-        task, ordinal = gid >> 32, gid & 0xFFFFFFFF
-        path = self.prepare_dir / f"task-{task:05d}" / "docs.arrow"
-        for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
-            g = batch.column("gid").to_numpy()
-            hit = np.flatnonzero(g == gid)
-            if len(hit):
-                return batch.column("id")[int(hit[0])].as_py()
-        return f"task-{task}:{ordinal}"
+        want: dict[int, set[int]] = {}
+        for g in gids:
+            want.setdefault(g >> 32, set()).add(g)
+        found: dict[int, str] = {}
+        for task, gs in sorted(want.items()):
+            path = self.prepare_dir / f"task-{task:05d}" / "docs.arrow"
+            for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
+                for g, i in zip(batch.column("gid").to_pylist(), batch.column("id").to_pylist()):
+                    if g in gs:
+                        found[g] = i
+        return found
 
 
 def open_context(cfg: PrepConfig, out: Path) -> Context:
