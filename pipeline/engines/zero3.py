@@ -25,6 +25,7 @@ class Zero3Engine:
         if profile.train.activation_checkpointing:
             model = _checkpointed(model)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
+        self._weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self.device = self.engine.device
@@ -69,6 +70,19 @@ class Zero3Engine:
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        if self.engine.load_universal_checkpoint():
+            # Two quirks of DeepSpeed's ZeRO-3 universal loader (stage3.py,
+            # load_hp_checkpoint_state_from_checkpoint_dir_stage3), mended here:
+            # it copies the first param group's hyperparameters into every group, which would
+            # start decaying the norms; and it gives every group the *same* Adam step tensor, which
+            # each group's update then increments, skewing bias correction from the second step on.
+            inner = self.engine.optimizer.optimizer
+            assert len(inner.param_groups) == len(self._weight_decays), "param groups changed shape after loading"
+            for group, wd in zip(inner.param_groups, self._weight_decays):
+                group["weight_decay"] = wd
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         return client_state
 
 

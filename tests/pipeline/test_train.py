@@ -213,11 +213,13 @@ def test_injected_nan_is_skipped_and_counted(prepared_data, tmp_path):
 def test_consecutive_nan_steps_stop_the_run(prepared_data, tmp_path):
     out = tmp_path / "run"
     proc = run_deepspeed(zero3_args(prepared_data, out, "--set", "train.max_consecutive_skips=2",
-                                    "--set", "train.checkpoint_every=2"),
+                                    "--set", "train.checkpoint_every=2", "--set", "train.keep_last=1"),
                          env=cpu_env(PIPELINE_INJECT_NAN_STEPS="3,4,5"), check=False)
     assert proc.returncode != 0
     assert "2 consecutive steps had a non-finite loss" in proc.stderr + proc.stdout
     assert max(train_losses(out)) == 4  # stopped right after the second skip
+    # A checkpoint at the stop (weights unchanged since step 2), and only the last one kept.
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step4"]
 
 
 def test_zero3_with_pipeline_is_refused_before_any_process_group(prepared_data, tmp_path):
