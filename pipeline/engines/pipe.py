@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import Profile
+from pipeline.engines.base import EngineBase
 from pipeline.model import Embedding, Linear, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
 from pipeline.optim import build_optimizer
 
@@ -84,7 +85,7 @@ def pipeline_name(layer_index: int, name: str, n_layers: int) -> str:
     return f"layers.{layer_index - 1}.{name}" if 1 <= layer_index <= n_layers else name
 
 
-class PipelineEngine:
+class PipelineEngine(EngineBase):
     def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
         module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train.seed,
@@ -122,23 +123,3 @@ class PipelineEngine:
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
         return float(self.engine.eval_batch(data_iter=self._iter(micro_batches)))
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.engine.skipped_steps
-
-    @property
-    def lr(self) -> float:
-        return self.engine.get_lr()[0]
-
-    @property
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
-
-    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-
-    def load(self, ckpt_dir: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
-        return client_state

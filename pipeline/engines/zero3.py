@@ -7,11 +7,12 @@ import numpy as np
 import torch
 
 from pipeline.config import Profile
+from pipeline.engines.base import EngineBase
 from pipeline.model import Transformer, causal_lm_loss
 from pipeline.optim import build_optimizer
 
 
-class Zero3Engine:
+class Zero3Engine(EngineBase):
     def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
         # Built under zero.Init so no rank ever holds the whole model: each parameter is
@@ -52,24 +53,8 @@ class Zero3Engine:
         losses = [causal_lm_loss(self.engine(self._to(x)), self._to(y)).item() for x, y in micro_batches]
         return sum(losses) / len(losses)
 
-    @property
-    def skipped_steps(self) -> int:
-        return self.engine.skipped_steps
-
-    @property
-    def lr(self) -> float:
-        return self.engine.get_lr()[0]
-
-    @property
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
-
-    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-
     def load(self, ckpt_dir: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        client_state = super().load(ckpt_dir, tag)
         if self.engine.load_universal_checkpoint():
             # Two quirks of DeepSpeed's ZeRO-3 universal loader (stage3.py,
             # load_hp_checkpoint_state_from_checkpoint_dir_stage3), mended here:
