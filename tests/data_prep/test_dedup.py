@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from conftest import real_documents, tiny_config, write_jsonl
+from prep_corpus import real_documents, tiny_config, write_jsonl
 from data_prep.config import PrepConfig
 from data_prep.dedup import KIND_EXACT, KIND_NEAR, merge, PAIR_DTYPE
 from data_prep.executor import LocalExecutor

@@ -2,7 +2,7 @@
 rules agree with a plain reading of the Gopher rules."""
 from collections import Counter
 
-from conftest import real_documents, real_paragraphs
+from prep_corpus import real_documents, real_paragraphs
 from data_prep.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig
 from data_prep.filters import _WORD, C4Rules, FineWebRules, GopherQuality, GopherRepetition, LanguageFilter, _ngram_rules
 from data_prep.records import Record

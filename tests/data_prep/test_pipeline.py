@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import real_documents, tiny_config, write_config, write_jsonl
+from prep_corpus import real_documents, tiny_config, write_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from conftest import real_paragraphs
+from prep_corpus import real_paragraphs
 from data_prep.config import TokenizerConfig
 from data_prep.tokenizer import export_hf, train_sentencepiece
 

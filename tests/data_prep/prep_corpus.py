@@ -1,5 +1,6 @@
-"""Shared helpers: real English text from the standard library's docstrings (present on every
-machine with this Python), and tiny configs."""
+"""Test helpers for tests/data_prep: real English text from the standard library's docstrings
+(present on every machine with this Python), and tiny configs. (Not conftest.py: `tests/` is
+on sys.path, so `from conftest import` would find tests/conftest.py.)"""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,6 @@ import os
 import re
 import sysconfig
 from pathlib import Path
-
-import pytest
 
 from data_prep.readers import python_docstrings
 
@@ -80,8 +79,3 @@ def tiny_config(sources: list[dict], **over) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(json.dumps(cfg, indent=1))
     return path
-
-
-@pytest.fixture
-def docs() -> list[str]:
-    return real_documents()
