@@ -19,8 +19,22 @@ def _bar(label: str, total: float, unit: str):
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5, smoothing=0.1)
 
 
+_FN: Callable | None = None
+
+
+def _init_worker(fn: Callable) -> None:
+    # The stage function (with its context: config and the whole plan) goes to each worker
+    # once, not with every task.
+    global _FN
+    _FN = fn
+
+
 def _call(args):
-    fn, i, item = args
+    i, item = args
+    return i, _FN(item)
+
+
+def _call_ray(fn, i, item):
     return i, fn(item)
 
 
@@ -41,8 +55,8 @@ class LocalExecutor:
                 return results
             # fork: workers inherit the imported modules and start in milliseconds.
             ctx = mp.get_context("fork")
-            with ctx.Pool(min(self.workers, len(items)), maxtasksperchild=64) as pool:
-                for i, res in pool.imap_unordered(_call, [(fn, i, it) for i, it in enumerate(items)]):
+            with ctx.Pool(min(self.workers, len(items)), initializer=_init_worker, initargs=(fn,)) as pool:
+                for i, res in pool.imap_unordered(_call, list(enumerate(items))):
                     results[i] = res
                     bar.update(weights[i])
         return results
@@ -66,8 +80,9 @@ class RayExecutor:
     def map(self, label: str, fn: Callable, items: Sequence, weights: Sequence[float] | None = None, unit: str = "task") -> list:
         ray = self.ray
         weights = list(weights) if weights is not None else [1] * len(items)
-        remote = ray.remote(num_cpus=1, max_retries=3)(_call)
-        pending = {remote.remote((fn, i, it)): i for i, it in enumerate(items)}
+        remote = ray.remote(num_cpus=1, max_retries=3)(_call_ray)
+        fn_ref = ray.put(fn)  # shipped to the object store once, resolved on each node
+        pending = {remote.remote(fn_ref, i, it): i for i, it in enumerate(items)}
         results: list = [None] * len(items)
         with _bar(label, sum(weights), unit) as bar:
             while pending:
