@@ -68,6 +68,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     counts: Counter = Counter()  # outcome -> records
     nbytes: Counter = Counter()
     reasons: Counter = Counter()  # "bad_input:invalid_utf8", "filtered:gopher_quality:stop_words"
+    reason_bytes: Counter = Counter()
     stage_in: Counter = Counter()
     chars_hist = Histogram()
     rejected = open(tmp / "rejected.jsonl", "w")
@@ -103,6 +104,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         counts[outcome] += 1
         nbytes[outcome] += rec.nbytes
         reasons[f"{outcome}:{reason}"] += 1
+        reason_bytes[f"{outcome}:{reason}"] += rec.nbytes
         row = {"file": rec.file, "line": rec.line, "id": rec.id, "outcome": outcome, "reason": reason}
         rejected.write(json.dumps(row, ensure_ascii=False) + "\n")
         if removed is not None:
@@ -160,7 +162,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     stats = {
         "task": task.index, "source": task.source, "input_bytes": task.bytes,
         "records": dict(sorted(counts.items())), "bytes": dict(sorted(nbytes.items())),
-        "reasons": dict(sorted(reasons.items())), "filter_inputs": dict(stage_in.items()),  # in the order the filters run
+        "reasons": dict(sorted(reasons.items())), "reason_bytes": dict(sorted(reason_bytes.items())),
+        "filter_inputs": dict(stage_in.items()),  # in the order the filters run
         "chars_hist": chars_hist.to_json(),
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))

@@ -123,7 +123,8 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
                 outcome = EXACT_DUP if kind == KIND_EXACT else NEAR_DUP
                 records[outcome] += 1
                 nbytes[outcome] += n
-                dup_log.append({"id": doc_id, "outcome": outcome, "survivor": survivor})
+                dup_log.append({"id": doc_id, "outcome": outcome, "survivor": survivor,
+                                **({"text": text} if cfg.output.write_removed else {})})
                 continue
             records[KEPT] += 1
             nbytes[KEPT] += n
@@ -142,7 +143,7 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
                 writers[split].write(docs)
     for w in writers.values():
         w.close()
-    if dup_log:
+    if dup_log:  # with output.write_removed, the removed text too
         names = id_lookup([d["survivor"] for d in dup_log])
         for d in dup_log:
             d["survivor"] = names[d["survivor"]]

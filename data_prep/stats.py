@@ -47,6 +47,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
     records: dict = {}
     nbytes: dict = {}
     reasons: dict = {}
+    reason_bytes: dict = {}
     filter_inputs: dict = {}
     per_source: dict = {}
     chars, tokens = Histogram(), Histogram()
@@ -58,6 +59,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
         _add(records, rec)
         _add(nbytes, byt)
         _add(reasons, p["reasons"])
+        _add(reason_bytes, p["reason_bytes"])
         _add(filter_inputs, p["filter_inputs"])
         src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0})
         _add(src["records"], rec)
@@ -78,27 +80,36 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
         "bytes": dict(sorted(nbytes.items())),
         "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
         "reasons": dict(sorted(reasons.items())),
-        "stages": _stage_table(records, reasons, filter_inputs),
+        "reason_bytes": dict(sorted(reason_bytes.items())),
+        "stages": _stage_table(records, nbytes, reasons, reason_bytes, filter_inputs),
         "sources": dict(sorted(per_source.items())),
         "histograms": {"document_chars": chars.to_json(), "document_tokens": tokens.to_json()},
     }
 
 
-def _stage_table(records: dict, reasons: dict, filter_inputs: dict) -> list[dict]:
+def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict, filter_inputs: dict) -> list[dict]:
+    """Documents and bytes into and removed by each stage, in pipeline order. Bytes are as
+    read for records removed before cleaning finished, cleaned text after."""
+    def removed(prefix: str, exclude: str | None = None) -> tuple[int, int]:
+        keys = [k for k in reasons if k.startswith(prefix) and k != exclude]
+        return sum(reasons[k] for k in keys), sum(reason_bytes.get(k, 0) for k in keys)
+
     rows = []
     docs = records.get("input", 0)
-    read_bad = sum(v for k, v in reasons.items() if k.startswith("bad_input:") and k != "bad_input:empty")
-    rows.append({"stage": "read", "in": docs, "removed": read_bad})
-    docs -= read_bad
-    rows.append({"stage": "clean", "in": docs, "removed": reasons.get("bad_input:empty", 0)})
-    docs -= rows[-1]["removed"]
-    for name, n in filter_inputs.items():
-        removed = sum(v for k, v in reasons.items() if k.startswith(f"filtered:{name}:"))
-        rows.append({"stage": f"filter:{name}", "in": n, "removed": removed})
+    n, b = removed("bad_input:", exclude="bad_input:empty")
+    rows.append({"stage": "read", "in": docs, "removed": n, "removed_bytes": b})
+    docs -= n
+    n, b = removed("bad_input:empty")
+    rows.append({"stage": "clean", "in": docs, "removed": n, "removed_bytes": b})
+    for name, count in filter_inputs.items():
+        n, b = removed(f"filtered:{name}:")
+        rows.append({"stage": f"filter:{name}", "in": count, "removed": n, "removed_bytes": b})
     docs = records.get("kept", 0) + records.get("exact_duplicate", 0) + records.get("near_duplicate", 0)
-    rows.append({"stage": "exact_dedup", "in": docs, "removed": records.get("exact_duplicate", 0)})
+    rows.append({"stage": "exact_dedup", "in": docs, "removed": records.get("exact_duplicate", 0),
+                 "removed_bytes": nbytes.get("exact_duplicate", 0)})
     docs -= records.get("exact_duplicate", 0)
-    rows.append({"stage": "near_dedup", "in": docs, "removed": records.get("near_duplicate", 0)})
+    rows.append({"stage": "near_dedup", "in": docs, "removed": records.get("near_duplicate", 0),
+                 "removed_bytes": nbytes.get("near_duplicate", 0)})
     for r in rows:
         r["out"] = r["in"] - r["removed"]
     return rows
@@ -111,9 +122,9 @@ def write_summary(stats: dict, out: Path) -> str:
     lines += ["", "| outcome | records | bytes |", "|---|---:|---:|"]
     for o in OUTCOMES:
         lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
-    lines += ["", f"Kept tokens: {stats['tokens']['kept']:,}", "", "| stage | in | removed | out |", "|---|---:|---:|---:|"]
+    lines += ["", f"Kept tokens: {stats['tokens']['kept']:,}", "", "| stage | in | removed | removed bytes | out |", "|---|---:|---:|---:|---:|"]
     for r in stats["stages"]:
-        lines.append(f"| {r['stage']} | {r['in']:,} | {r['removed']:,} | {r['out']:,} |")
+        lines.append(f"| {r['stage']} | {r['in']:,} | {r['removed']:,} | {r['removed_bytes']:,} | {r['out']:,} |")
     lines += ["", "| source | input | kept | bytes kept | tokens |", "|---|---:|---:|---:|---:|"]
     for name, s in stats["sources"].items():
         lines.append(f"| {name} | {s['records'].get('input', 0):,} | {s['records'].get('kept', 0):,} | "
