@@ -163,7 +163,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         "task": task.index, "source": task.source, "input_bytes": task.bytes,
         "records": dict(sorted(counts.items())), "bytes": dict(sorted(nbytes.items())),
         "reasons": dict(sorted(reasons.items())), "reason_bytes": dict(sorted(reason_bytes.items())),
-        "filter_inputs": dict(stage_in.items()),  # in the order the filters run
+        "filter_inputs": [[f.name, stage_in[f.name]] for f in filters],  # in the order they run
         "chars_hist": chars_hist.to_json(),
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))

@@ -60,7 +60,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
         _add(nbytes, byt)
         _add(reasons, p["reasons"])
         _add(reason_bytes, p["reason_bytes"])
-        _add(filter_inputs, p["filter_inputs"])
+        _add(filter_inputs, dict(p["filter_inputs"]))  # a list of pairs: keeps the filters' order
         src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0})
         _add(src["records"], rec)
         _add(src["bytes"], byt)
