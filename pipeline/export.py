@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import CheckpointError, open_checkpoint
-from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, iter_safetensors, model_shapes, parse_size, save_hf_model
+from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, model_shapes, parse_size, save_hf_model
 from pipeline.model import ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -89,12 +89,12 @@ class Source:
             self.cfg = ModelConfig(**json.loads((path / INIT_CONFIG).read_text()))
             meta = path / "import.json"
             self.meta = json.loads(meta.read_text()) if meta.exists() else {}
-            shapes = model_shapes(self.cfg)
-            have = dict(iter_safetensors([path / INIT_WEIGHTS]))  # memory-mapped by safetensors
-            unknown = [n for n in have if n not in shapes]
-            if unknown or len(have) != len(shapes):
-                raise ExportError(f"{path / INIT_WEIGHTS}: parameters do not match {INIT_CONFIG} "
-                                  f"(unknown {unknown[:3]}, {len(have)} of {len(shapes)})")
+            from safetensors import safe_open
+
+            with safe_open(str(path / INIT_WEIGHTS), framework="pt") as fh:  # headers only, no tensor data
+                have = {n: tuple(fh.get_slice(n).get_shape()) for n in fh.keys()}
+            if have != model_shapes(self.cfg):
+                raise ExportError(f"{path / INIT_WEIGHTS}: parameter names or shapes do not match {INIT_CONFIG}")
             return
         self.root, self.tag = find_checkpoint(path, tag)
         self.dir = self.root / self.tag
@@ -104,6 +104,18 @@ class Source:
             self.reader = open_checkpoint(self.dir, self.profile["topology"]["engine"], self.cfg)
         except CheckpointError as e:
             raise ExportError(str(e)) from None
+        # meta.json (written by the trainer's rank 0 beside DeepSpeed's files) must tell the same story.
+        meta_file = self.dir / "meta.json"
+        self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        step = getattr(self.reader, "step", None)
+        if self.meta.get("step") is not None and step is not None and self.meta["step"] != step:
+            raise ExportError(f"{meta_file}: step {self.meta['step']} but the DeepSpeed files were saved at step {step}; "
+                              "files from different runs")
+        world = getattr(self.reader, "world", None)
+        dp = self.meta.get("data_parallel_size")
+        if dp is not None and world is not None and dp != world:
+            raise ExportError(f"{meta_file}: data_parallel_size {dp} but the ZeRO-3 files were saved by {world} ranks; "
+                              "files from different runs")
 
     def tensors(self):
         """(our name, tensor) in model order, one at a time."""
@@ -181,7 +193,10 @@ def model_card(src: Source, data: dict, dtype: str, verified: dict | None) -> st
         return "\n".join(head + ["Converted by this repository's `pipeline.import_hf`.", "", "| | |", "|---|---|", *rows, ""])
     profile, tag = src.profile, src.tag
     step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else None
-    tokens = step * profile["train"]["global_batch_tokens"] if step is not None else None
+    if "consumed_samples" in src.meta and "seq_len" in profile.get("data", {}):
+        tokens = src.meta["consumed_samples"] * profile["data"]["seq_len"]  # exact across batch-size changes
+    else:
+        tokens = step * profile["train"]["global_batch_tokens"] if step is not None else None
     loss = final_loss(src.root.parent / "metrics.jsonl", step)
     train_tokens = data["raw"].get("splits", {}).get("train", {}).get("tokens", "?")
     rows = [

@@ -137,3 +137,15 @@ def test_load_init_dir_checks_its_input(tmp_path):
         load_init_dir(tmp_path / "init")
     with pytest.raises(FileNotFoundError, match="model.json"):
         load_init_dir(tmp_path)
+
+
+def test_export_refuses_an_init_dir_that_disagrees_with_its_config(tmp_path):
+    from pipeline.export import ExportError
+
+    src = hf_model(tmp_path / "src", 2)
+    main([str(src), "--out", str(tmp_path / "init")])
+    model_json = tmp_path / "init" / "model.json"
+    model_json.write_text(json.dumps({**json.loads(model_json.read_text()), "n_layers": 2}))
+    with pytest.raises(ExportError, match="do not match model.json"):
+        export(tmp_path / "init", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
