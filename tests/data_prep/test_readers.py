@@ -1,6 +1,7 @@
 """Every bad-input kind becomes one counted record with file and line; the rest of the file
 is still read; a file that cannot be opened is a one-line error naming it."""
 import gzip
+from pathlib import Path
 import json
 
 import pyarrow as pa
@@ -104,3 +105,31 @@ def test_cleaning_repairs_mojibake_and_normalises():
     assert c.clean("write to a.b@example.org from 10.0.0.1") == "write to email@example.com from 192.0.2.1"
     h = Cleaner(CleanConfig(), html=True)
     assert h.clean("<html><head><script>x=1</script></head><body><p>Hello <b>world</b></p><p>Two</p></body></html>") == "Hello world\nTwo"
+
+
+def test_plan_text_files_and_dataset_dict(tmp_path):
+    import datasets
+
+    from data_prep.config import PrepConfig
+    from data_prep.plan import make_plan
+
+    root = tmp_path / "docs"
+    for i in range(6):
+        (root / f"d{i}").mkdir(parents=True)
+        (root / f"d{i}" / "README.md").write_text("x" * 1000)
+        (root / f"d{i}" / "mod.py").write_text('"""Docstring of the module."""\nx = 1\n')
+    cfg = PrepConfig.model_validate({"sources": [{"name": "t", "type": "text_files", "paths": [str(root)],
+                                                  "patterns": ["*.md", "*.py"], "max_bytes": 4200, "task_bytes": 2000}]})
+    tasks = make_plan(cfg)
+    files = [f for t in tasks for f in t.files]
+    assert [Path(f).name for f in files[:4]] == ["README.md"] * 4  # pattern priority, then path
+    assert sum(Path(f).stat().st_size for f in files) <= 4200 and len(tasks) == 3
+    recs = list(read_file("text", files[-1], "m", "text", None, 1 << 20))
+    assert recs[0].text == "Docstring of the module."
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
+                               "test": datasets.Dataset.from_dict({"text": ["c"]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    cfg = PrepConfig.model_validate({"sources": [{"name": "h", "type": "hf_dataset", "paths": [str(tmp_path / "dd")]}]})
+    texts = [r.text for t in make_plan(cfg) for f in t.files for r in read_file(t.kind, f, "x", "text", None, 1 << 20)]
+    assert sorted(texts) == ["a", "b", "c"]
