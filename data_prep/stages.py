@@ -96,7 +96,7 @@ def open_context(cfg: PrepConfig, out: Path) -> Context:
     plan_file = work / "plan.json"
     if not plan_file.exists():
         save_plan(make_plan(cfg), plan_file)
-    for d in (work / "prepare", work / "dedup", work / "tokenize", out / "shards", out / "tokenizer", out):
+    for d in (work / "prepare", work / "dedup", work / "sample", work / "tokenize", out / "shards", out / "tokenizer", out, work):
         clean_stale_tmp(d)
     return Context(cfg, out, load_plan(plan_file))
 
@@ -218,7 +218,7 @@ class TrainTokenizer(Stage):
                 _require(ctx, ctx.task_dirs() + [ctx.dedup_dir / "removed.npy"], "dedup")
                 sample = ctx.work / "tokenizer_sample.txt"
                 if not sample.exists():
-                    write_sample(ctx, sample)
+                    write_sample(ctx, ex, sample)
                 threads = tc.threads or os.cpu_count() or 1
                 LocalSingle().run("train tokenizer", lambda: train_sentencepiece(sample, ctx.tokenizer_dir, tc, threads))
         if not (ctx.tokenizer_dir / "tokenizer.json").exists():
