@@ -154,9 +154,27 @@ def test_errors_are_one_line_naming_file_or_field(tmp_path):
     bad = tiny_config([{"name": "x", "type": "csv", "paths": ["a"]}], minhash={"bands": 0})
     r = _cli("run", "--config", write_config(tmp_path / "b.json", bad), "--out", tmp_path / "o")
     assert r.returncode == 2 and "sources.0.type" in r.stderr and r.stderr.strip().count("\n") == 0
+    typo = tiny_config([{"name": "x", "type": "jsonl", "paths": ["a"]}], minhsh={"bands": 4})
+    r = _cli("config", "--config", write_config(tmp_path / "t.json", typo))
+    assert r.returncode == 2 and "field 'minhsh'" in r.stderr
+    (tmp_path / "j.json").write_text('{"sources": [}')
+    r = _cli("config", "--config", tmp_path / "j.json")
+    assert r.returncode == 2 and "j.json:1: invalid JSON" in r.stderr
     for cmd in ("run", "prepare", "dedup", "train-tokenizer", "tokenize", "finalize", "config"):
         h = _cli(cmd, "--help")
         assert h.returncode == 0 and "usage" in h.stdout
+
+
+def test_stage_by_stage_with_one_worker_gives_the_same_output(prepared, tmp_path):
+    d = prepared[0]
+    cfg = config_for(d, output={"write_removed": True})
+    r = _cli("tokenize", "--config", cfg, "--out", tmp_path / "one")
+    assert r.returncode == 2 and "run `python -m data_prep" in r.stderr  # says what to run first
+    for cmd in ("prepare", "dedup", "train-tokenizer", "tokenize", "finalize"):
+        r = _cli(cmd, "--config", cfg, "--out", tmp_path / "one", "--workers", "1")
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    for f in ("shards/manifest.json", "stats.json", "tokenizer/tokenizer.model"):
+        assert (d / "out" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
 
 
 def test_ray_executor_gives_the_same_output(prepared, tmp_path):
