@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from pipeline.config import load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
 from pipeline.model import Transformer, causal_lm_loss  # noqa: E402
+from pipeline.optim import build_optimizer  # noqa: E402
 
 
 def main() -> None:
@@ -42,9 +43,9 @@ def main() -> None:
     torch.manual_seed(t.seed)
     with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
         model = Transformer(profile.model, seed=t.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-                            fused=torch.cuda.is_available())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=profile.deepspeed)
+    # The same optimizer and schedule as the trainer, so the comparison measures the loop alone.
+    opt, sched = build_optimizer(model.named_parameters(), t)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=profile.deepspeed)
     samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed)
     mb, accum, gbs = t.micro_batch_size, profile.grad_accum_steps, profile.global_batch_size
     times = []

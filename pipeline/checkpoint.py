@@ -23,14 +23,39 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.faults import FaultInjection
+
+
+def rng_state() -> dict:
+    """This rank's random number generator states, as JSON (kept out of DeepSpeed's pickled
+    files so that those stay loadable with `torch.load(weights_only=True)`)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +75,14 @@ class Checkpoints:
         f = self.root / "latest"
         return f.read_text().strip() if f.exists() else None
 
+    def load(self, engine, tag: str) -> int:
+        """Load `tag` into `engine` and this rank's RNG states; returns the step it was saved at."""
+        engine.load(str(self.root), tag)
+        rng_file = self.root / tag / "rng" / f"rank{torch.distributed.get_rank():05d}.json"
+        if rng_file.exists():  # absent in universal checkpoints: another world size has other ranks
+            restore_rng_state(json.loads(rng_file.read_text()))
+        return self.meta(tag)["step"]
+
     def meta(self, tag: str) -> dict:
         f = self.root / tag / "meta.json"
         if not f.exists():
@@ -60,6 +93,9 @@ class Checkpoints:
         tag = f"global_step{step}"
         rank = torch.distributed.get_rank()
         engine.save(str(self.root), tag, {"step": step})
+        rng_dir = self.root / tag / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        (rng_dir / f"rank{rank:05d}.json").write_text(json.dumps(rng_state()))
         if rank == 0:
             (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
             (self.root / tag / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")

@@ -69,16 +69,16 @@ class Preemption:
         self.requested = True
 
 
-def all_ranks_any(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+def all_ranks_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
+    """The mean of `value` over ranks and whether any rank raised `flag`, in one all-reduce
+    (one collective per step is all the loop adds to DeepSpeed's own)."""
+    t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t[0].item() / torch.distributed.get_world_size(), bool(t[1].item() > 0)
 
 
 def all_ranks_mean(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
+    return all_ranks_mean_and_any(value, False)[0]
 
 
 def load_init_weights(path: str, model: ModelConfig) -> dict:
@@ -167,8 +167,7 @@ def main(argv=None) -> int:
 
     start_step = 0
     if load_tag:
-        engine.load(str(ckpts.root), load_tag)
-        start_step = ckpts.meta(load_tag)["step"]
+        start_step = ckpts.load(engine, load_tag)
         if rank == 0:
             print(f"resumed from {ckpts.root / load_tag} at step {start_step}", flush=True)
 
@@ -192,7 +191,8 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     step = start_step
     while step < t.steps:
-        loss = all_ranks_mean(engine.train_step(micro_batches(train_samples, step), poison=step + 1 in faults.nan_steps))
+        local = engine.train_step(micro_batches(train_samples, step), poison=step + 1 in faults.nan_steps)
+        loss, stop = all_ranks_mean_and_any(local, preempt.requested)
         step += 1
         skipped = skips.update(engine.skipped_steps)
         spike = spikes.update(loss)
@@ -230,7 +230,6 @@ def main(argv=None) -> int:
             if "val/loss" in values:
                 line += f" | val {values['val/loss']:.4f}"
             print(line, flush=True)
-        stop = all_ranks_any(preempt.requested)
         if stop or skips.exhausted or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
             # After skipped steps the weights are still those from before the trouble.
             meta = {"consumed_samples": step * gbs, "world_size": world, **topology}

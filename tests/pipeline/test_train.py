@@ -230,3 +230,34 @@ def test_zero3_with_pipeline_is_refused_before_any_process_group(prepared_data, 
     assert "zero3" in proc.stderr and "pipeline" in proc.stderr
     assert "init_distributed" not in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["zero3", "pipeline"])
+def test_init_from_an_imported_hugging_face_model(prepared_data, zero3_run, tmp_path, engine):
+    """Export a trained run, import it back, and start a new run of either engine from it: the
+    new run's first loss is the imported weights' loss on that batch."""
+    from pipeline.export import export
+    from pipeline.hf import load_init_dir
+    from pipeline.import_hf import import_hf
+
+    hf = export(zero3_run, tmp_path / "hf")
+    init = import_hf(hf, tmp_path / "init")
+    cfg, state = load_init_dir(init)
+    model = Transformer(cfg)
+    model.load_state_dict(state)
+    samples = open_split(Manifest.load(prepared_data), "train", 128, 1234)
+    x, y = samples.batch(range(16))
+    with torch.no_grad():
+        want = causal_lm_loss(model(torch.from_numpy(x)), torch.from_numpy(y)).item()
+
+    out = tmp_path / "run"
+    if engine == "zero3":
+        args = zero3_args(prepared_data, out, "--set", "train.steps=1", "--init-from", str(init))
+    else:
+        args = common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json", "--set",
+                      "train.micro_batch_size=8", "--set", "train.grad_accum_steps=2", "--set", "train.steps=1",
+                      "--init-from", str(init))
+    proc = run_deepspeed(args)
+    assert "initialised from" in proc.stdout
+    assert train_losses(out)[1] == pytest.approx(want, abs=2e-4)
+    assert train_losses(out)[1] < train_losses(zero3_run)[1] - 0.2  # not a fresh random init
