@@ -7,7 +7,6 @@ no fault handling, no progress line). Launched by the benchmark through the deep
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -119,7 +119,6 @@ def run_datatrove(python: str, corpus: Path, work: Path, tok_json: Path, workers
 def micro(corpus: Path, model: Path, mb_limit: float = 8) -> dict:
     """Single process: tokenization overhead vs SentencePiece; MinHash vs rensa on the same shingles."""
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import sentencepiece as spm
 
     from data_prep.minhash import MinHasher, normalise_for_shingles, shingle_hashes

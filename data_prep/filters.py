@@ -5,7 +5,6 @@ config.py for the source of each default. Some rules (C4 lines) edit the text th
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from data_prep.config import (
     C4Config,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -32,6 +34,21 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp)
         return
     os.rename(tmp, final)
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary directory beside `final`; rename it to `final` when the block completes,
+    remove it when the block raises. `final` must not exist."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def clean_stale_tmp(directory: Path) -> None:

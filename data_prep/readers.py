@@ -63,7 +63,7 @@ def read_jsonl(path: str, text_field: str, id_field: str | None, max_bytes: int,
                         n += len(raw)
                     yield Record(rel, line, bad="too_large", nbytes=n)
                     continue
-            except (EOFError, OSError, zlib.error) as e:
+            except (EOFError, OSError, zlib.error):
                 # Truncated or corrupt compressed stream: nothing after this point is readable.
                 yield Record(rel, line, bad="truncated_file")
                 return

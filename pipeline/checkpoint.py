@@ -3,6 +3,7 @@ a `meta.json` per tag, pruning, and resuming on a different number of ranks.
 
 Layout under RUN/checkpoints/:
     latest                  the newest *complete* tag, replaced atomically
+    run_id                  made at the first start, kept across resumes, stamped into every rank's files
     global_stepN/           DeepSpeed's files (ZeRO-3 partitions or pipeline layer files)
         profile.json        the fully resolved profile (the export reads the model shape here)
         meta.json           step, consumed samples and the topology that wrote it
@@ -27,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,37 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _deepspeed_globals() -> list:
+    """The only non-tensor objects DeepSpeed pickles into the files this trainer writes (listed
+    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-3, pipeline + ZeRO-1 and
+    universal checkpoints); everything else in them is tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path, map_location=None):
+    """torch.load with weights_only=True and DeepSpeed's few classes allowed: a checkpoint file
+    that was tampered with cannot run code when it is loaded."""
+    import pickle
+
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unpickling refused"
+            raise CheckpointError(f"{path}: refused to load a pickled object outside the allow-list "
+                                  f"(pipeline/checkpoint.py _deepspeed_globals): {reason}") from None
+
+
+def use_safe_loading(ds_engine) -> None:
+    """Route every file DeepSpeed's engine loads (model states, optimizer partitions, pipeline
+    layers) through `safe_torch_load` instead of its default unrestricted torch.load."""
+    ds_engine.checkpoint_engine.load = safe_torch_load
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -70,6 +103,23 @@ def _barrier() -> None:
 class Checkpoints:
     def __init__(self, root: Path, keep_last: int):
         self.root, self.keep_last = Path(root), keep_last
+        self._run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """An id made when the run first starts and kept across resumes (RUN/checkpoints/run_id).
+        Every rank writes it into its DeepSpeed files, so the export can tell files of another
+        run apart. Collective: call on every rank."""
+        if self._run_id is None:
+            f = self.root / "run_id"
+            if torch.distributed.get_rank() == 0 and not f.exists():
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = self.root / "run_id.tmp"
+                tmp.write_text(uuid.uuid4().hex + "\n")
+                os.replace(tmp, f)
+            _barrier()
+            self._run_id = f.read_text().strip()
+        return self._run_id
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -92,7 +142,7 @@ class Checkpoints:
     def save(self, engine, step: int, meta: dict, profile_dict: dict, faults: FaultInjection) -> str:
         tag = f"global_step{step}"
         rank = torch.distributed.get_rank()
-        engine.save(str(self.root), tag, {"step": step})
+        engine.save(str(self.root), tag, {"step": step, "run_id": self.run_id})
         rng_dir = self.root / tag / "rng"
         rng_dir.mkdir(exist_ok=True)
         (rng_dir / f"rank{rank:05d}.json").write_text(json.dumps(rng_state()))

@@ -24,19 +24,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint_io import CheckpointError, open_checkpoint
-from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, model_shapes, parse_size, save_hf_model
+from data_prep.io_utils import staged_dir
+from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, TOKENIZER_FILES, model_shapes, parse_size, save_hf_model
 from pipeline.model import ModelConfig, Transformer
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Largest logit difference allowed by --verify, relative to max(1, largest |logit|) of our fp32
 # model: fp32 only sees summation-order noise; bf16 keeps 8 mantissa bits (~4e-3 relative per
@@ -261,9 +259,7 @@ def export(checkpoint: str | Path, out: str | Path, tag: str = "latest", dtype: 
     if out.exists():
         raise ExportError(f"{out}: already exists; choose another --out or remove it")
     src = Source(checkpoint, tag)  # every input check happens before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         data = copy_tokenizer(src, tmp)
         try:
             save_hf_model(src.tensors(), src.cfg, tmp, dtype, max_shard_size, data["bos_id"], data["eos_id"])
@@ -274,10 +270,6 @@ def export(checkpoint: str | Path, out: str | Path, tag: str = "latest", dtype: 
             print(f"verified: largest logit difference {verified['max_abs_diff']:.3g} "
                   f"(tolerance {verified['tolerance']:.3g}); tokenizer {verified.get('tokenizer', 'not checked')}")
         (tmp / "README.md").write_text(model_card(src, data, dtype, verified))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

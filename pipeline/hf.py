@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from pipeline.model import ModelConfig
 
+# The tokenizer files of a Hugging Face LLaMA directory (data_prep writes them; export and import copy them).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from pipeline.hf import (INIT_CONFIG, INIT_WEIGHTS, config_from_hf, from_hf_name, hf_weight_files, model_shapes,
+from data_prep.io_utils import staged_dir
+from pipeline.hf import (INIT_CONFIG, TOKENIZER_FILES, config_from_hf, from_hf_name, hf_weight_files, model_shapes,
                          write_safetensors)
 from pipeline.model import ModelConfig
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class ImportHFError(ValueError):
@@ -118,9 +116,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ImportHFError(f"{out}: already exists; choose another --out or remove it")
     cfg, hf = read_hf_config(hf_dir)
     plan = plan_tensors(hf_dir, cfg)  # every input check happens before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         write_safetensors(model_shapes(cfg), _stream(plan), tmp, "fp32", max_shard_bytes=None)
         (tmp / INIT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         meta = {"source": str(hf_dir.resolve()), "bos_token_id": hf.get("bos_token_id", 1),
@@ -129,10 +125,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,13 +17,13 @@ listed, not just the first:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from data_prep.io_utils import sha256_file
 from pipeline.config import (Profile, ProfileError, ProfileFile, apply_overrides, parse_profile, read_profile_json,
                              resolve)
 from pipeline.data import Manifest, ManifestError
@@ -35,14 +35,6 @@ def checkpoint_bytes(profile: Profile) -> int:
     stores 4 + 8."""
     n = profile.model.num_params()
     return n * (12 if profile.train.precision == "fp32" else 14)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_data(raw: ProfileFile, manifest_path: str | Path) -> tuple[list[str], Manifest | None]:
@@ -81,7 +73,7 @@ def check_tokenizer(raw: ProfileFile, manifest: Manifest) -> list[str]:
     if not tok.model_path.is_file():
         failures.append(f"tokenizer: {tok.model_path}: tokenizer model not found (named by {manifest.path})")
         return failures
-    digest = _sha256(tok.model_path)
+    digest = sha256_file(tok.model_path)
     if digest != tok.sha256:
         failures.append(f"tokenizer: {tok.model_path}: sha256 {digest[:12]}… is not the manifest's {tok.sha256[:12]}… "
                         "(the shards were tokenized with another tokenizer)")

@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     if rank == 0:
         ckpts.root.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+    ckpts.run_id  # collective: every rank learns the run's id before the first save
 
     t = profile.train
     tag = ckpts.latest() if args.resume == "auto" else (None if args.resume == "none" else args.resume)
@@ -167,7 +168,11 @@ def main(argv=None) -> int:
 
     start_step = 0
     if load_tag:
-        start_step = ckpts.load(engine, load_tag)
+        try:
+            start_step = ckpts.load(engine, load_tag)
+        except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
+            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+            return 2
         if rank == 0:
             print(f"resumed from {ckpts.root / load_tag} at step {start_step}", flush=True)
 

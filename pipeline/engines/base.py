@@ -3,9 +3,16 @@ the topology."""
 
 from __future__ import annotations
 
+from pipeline.checkpoint import use_safe_loading
+
 
 class EngineBase:
-    engine = None  # the DeepSpeed engine, set by the subclass
+    engine = None  # the DeepSpeed engine, set by the subclass through `_wrap`
+
+    def _wrap(self, ds_engine) -> None:
+        self.engine = ds_engine
+        self.device = ds_engine.device
+        use_safe_loading(ds_engine)
 
     @property
     def skipped_steps(self) -> int:

@@ -96,9 +96,9 @@ class PipelineEngine(EngineBase):
                     idx, name = full_name.split(".", 1)
                     p.copy_(init_state[pipeline_name(int(idx), name, profile.model.n_layers)])
         optimizer, scheduler = build_optimizer(module.named_parameters(), profile.train)
-        self.engine, *_ = deepspeed.initialize(
+        ds_engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
-        self.device = self.engine.device
+        self._wrap(ds_engine)
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self._poison = False
         module.loss_fn = self._loss  # runs on the last stage

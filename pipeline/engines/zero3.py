@@ -27,9 +27,9 @@ class Zero3Engine(EngineBase):
             model = _checkpointed(model)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
         self._weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
-        self.engine, *_ = deepspeed.initialize(
+        ds_engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
-        self.device = self.engine.device
+        self._wrap(ds_engine)
         self.dp_rank = torch.distributed.get_rank()  # every rank is a data-parallel replica
 
     def _to(self, a: np.ndarray) -> torch.Tensor:

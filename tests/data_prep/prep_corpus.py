@@ -4,8 +4,6 @@ on sys.path, so `from conftest import` would find tests/conftest.py.)"""
 from __future__ import annotations
 
 import json
-import os
-import re
 import sysconfig
 from pathlib import Path
 

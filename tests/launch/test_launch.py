@@ -79,10 +79,10 @@ def test_python_form_reads_the_same_defaults(tmp_path):
 
 
 @pytest.mark.slow
-def test_bash_form_trains_two_processes(tmp_path, launch_manifest):
+def test_bash_form_trains_two_processes(tmp_path, prepared_data):
     out = tmp_path / "run"
     r = subprocess.run(["bash", str(SCRIPT), "--profile", TINY, "--gpus-per-node", "2", "--master-port", "29641",
-                        "--out", str(out), *_small(launch_manifest)],
+                        "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _trained(out, r.stdout)
@@ -92,10 +92,10 @@ def test_bash_form_trains_two_processes(tmp_path, launch_manifest):
 
 
 @pytest.mark.slow
-def test_deepspeed_form_trains_two_processes(tmp_path, launch_manifest):
+def test_deepspeed_form_trains_two_processes(tmp_path, prepared_data):
     out = tmp_path / "run"
     r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29642", str(SCRIPT), "--profile", TINY,
-                        "--out", str(out), *_small(launch_manifest)],
+                        "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _trained(out, r.stdout)
@@ -118,7 +118,7 @@ exit $rc
 
 
 @pytest.mark.slow
-def test_two_nodes_simulated_through_slurm_script(tmp_path, launch_manifest):
+def test_two_nodes_simulated_through_slurm_script(tmp_path, prepared_data):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
@@ -128,7 +128,7 @@ def test_two_nodes_simulated_through_slurm_script(tmp_path, launch_manifest):
     env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(REPO),
                GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29643", FAKE_SRUN_LOGS=str(tmp_path))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(out), *_small(launch_manifest)],
+    r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=env, timeout=600)
     logs = {k: (tmp_path / f"node{k}.log").read_text() for k in (0, 1) if (tmp_path / f"node{k}.log").exists()}
     assert r.returncode == 0, r.stdout + r.stderr + str({k: v[-2000:] for k, v in logs.items()})

@@ -4,7 +4,6 @@ One short DeepSpeed run per engine is shared by the module (about 20 s each on 2
 """
 
 import glob
-import hashlib
 import importlib.util
 import json
 import os
@@ -36,51 +35,9 @@ def licence_texts() -> list[str]:
     return out
 
 
-def build_prepared(root: Path) -> Path:
-    """Token shards + tokenizer as `python -m data_prep run` writes them (docs/formats.md)."""
-    import pyarrow as pa
-    import pyarrow.ipc
-    import sentencepiece as spm
-
-    tokenizer = pytest.importorskip("data_prep.tokenizer")
-    from data_prep.config import TokenizerConfig
-
-    texts = licence_texts()
-    tokdir, shards = root / "tokenizer", root / "shards"
-    shards.mkdir(parents=True)
-    sample = root / "sample.txt"
-    sample.write_text("\n".join(texts))
-    model = tokenizer.train_sentencepiece(sample, tokdir, TokenizerConfig(vocab_size=1000, max_sentence_length=100000), 2)
-    tokenizer.export_hf(model, tokdir)
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    entries = []
-    for split, docs in (("validation", texts[:1]), ("train", texts[1:])):
-        ids = [[1] + sp.encode(t) + [2] for t in docs]
-        table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.uint16()))})
-        path = shards / f"{split}-00000.arrow"
-        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-            w.write_table(table)
-        entries.append({"path": path.name, "split": split, "source": "default", "documents": len(ids),
-                        "tokens": sum(map(len, ids)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    manifest = {
-        "format": "arrow-token-shards", "version": 1, "column": "input_ids", "dtype": "uint16",
-        "add_bos": True, "add_eos": True,
-        "tokenizer": {"model": "../tokenizer/tokenizer.model", "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-                      "vocab_size": sp.get_piece_size(), "bos_id": 1, "eos_id": 2, "pad_id": -1, "unk_id": 0},
-        "shards": entries,
-        "splits": {e["split"]: {"documents": e["documents"], "tokens": e["tokens"]} for e in entries},
-        "sources": {}, "config": {}, "config_sha256": "",
-    }
-    (shards / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return shards / "manifest.json"
-
-
 @pytest.fixture(scope="module")
-def manifest(request, tmp_path_factory) -> Path:
-    try:
-        return Path(request.getfixturevalue("prepared_data"))
-    except pytest.FixtureLookupError:
-        return build_prepared(tmp_path_factory.mktemp("prep"))
+def manifest(prepared_data) -> Path:
+    return prepared_data
 
 
 def free_port() -> int:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,22 +18,9 @@ TINY = REPO / "ds_configs" / "tiny_cpu.json"
 
 
 @pytest.fixture(scope="session")
-def prep_dir(request, tmp_path_factory) -> Path:
-    """A directory written by `python -m data_prep run`: tests/conftest.py's `prepared_data` when
-    there is one, else a small run here (~10 s)."""
-    try:
-        return Path(request.getfixturevalue("prepared_data")).parent.parent
-    except pytest.FixtureLookupError:
-        out = tmp_path_factory.mktemp("preflight-data")
-        cfg = out / "prep.json"
-        cfg.write_text(json.dumps({
-            "sources": [{"name": "docs", "type": "site_packages", "max_bytes": 1_000_000}],
-            "filters": {"language": {"enabled": False}},
-            "tokenizer": {"vocab_size": 512, "sample_bytes": 500_000},
-            "executor": {"workers": 2}}))
-        subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(out / "prep")],
-                       cwd=REPO, check=True, capture_output=True, timeout=600)
-        return out / "prep"
+def prep_dir(prepared_data) -> Path:
+    """A directory written by `python -m data_prep run` (tests/conftest.py)."""
+    return prepared_data.parent.parent
 
 
 @pytest.fixture

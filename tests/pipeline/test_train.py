@@ -157,6 +157,40 @@ def test_sigterm_checkpoints_and_resume_reproduces_losses(prepared_data, zero3_r
     # Bit-for-bit: same data order, same optimizer state, same reductions.
     assert got == want
 
+    # Same step, same weights, but another run: the export refuses to mix their files.
+    from pipeline.export import ExportError, export
+
+    tag = f"checkpoints/global_step{STEPS}"
+    shutil.copy(zero3_run / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt", out / tag)
+    with pytest.raises(ExportError, match="run_id differs"):
+        export(out, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a tampered checkpoint could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_tampered_checkpoint(prepared_data, zero3_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(zero3_run / "checkpoints", out / "checkpoints")
+    f = out / "checkpoints" / f"global_step{STEPS}" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    state = torch.load(f, weights_only=False)
+    state["note"] = _Payload(tmp_path / "pwned")
+    torch.save(state, f)
+    proc = run_deepspeed(zero3_args(prepared_data, out, "--set", f"train.steps={STEPS + 1}"), check=False)
+    assert proc.returncode != 0
+    assert "refused to load a pickled object outside the allow-list" in proc.stdout + proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
 
 def test_resume_on_a_different_number_of_ranks(prepared_data, zero3_run, tmp_path):
     out = tmp_path / "run"
