@@ -287,11 +287,13 @@ def hf_weight_files(hf_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_safetensors(files: list[Path], rename=lambda n: n) -> Iterator[tuple[str, torch.Tensor]]:
-    """(renamed name, tensor) one at a time from safetensors files; duplicate names are an error."""
+def safetensors_entries(files: list[Path], rename=lambda n: n):
+    """(file, open handle, name in the file, renamed) for every tensor of `files`, without reading
+    any tensor data. Rotary buffers are skipped; an unknown name or a name in two files is an
+    error naming the file."""
     from safetensors import safe_open
 
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():
@@ -302,9 +304,15 @@ def iter_safetensors(files: list[Path], rename=lambda n: n) -> Iterator[tuple[st
                 except KeyError as e:
                     raise KeyError(f"{path}: {e.args[0]}") from None
                 if ours in seen:
-                    raise ValueError(f"{path}: {name} appears in more than one weight file")
-                seen.add(ours)
-                yield ours, fh.get_tensor(name)
+                    raise ValueError(f"{path}: {name} also appears in {seen[ours].name}")
+                seen[ours] = path
+                yield path, fh, name, ours
+
+
+def iter_safetensors(files: list[Path], rename=lambda n: n) -> Iterator[tuple[str, torch.Tensor]]:
+    """(renamed name, tensor) one at a time from safetensors files."""
+    for _, fh, name, ours in safetensors_entries(files, rename):
+        yield ours, fh.get_tensor(name)
 
 
 def check_state(where: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data_prep.io_utils import staged_dir
 from pipeline.hf import (INIT_CONFIG, TOKENIZER_FILES, config_from_hf, from_hf_name, hf_weight_files, model_shapes,
-                         write_safetensors)
+                         safetensors_entries, write_safetensors)
 from pipeline.model import ModelConfig
 
 
@@ -63,31 +63,24 @@ def read_hf_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
 def plan_tensors(hf_dir: Path, cfg: ModelConfig) -> dict[str, tuple[Path, str]]:
     """Our name → (file, Hugging Face name), checked against the config: every parameter present
     once with its shape, nothing unknown."""
-    from safetensors import safe_open
-
     try:
         files = hf_weight_files(hf_dir)
     except (FileNotFoundError, ValueError) as e:
         raise ImportHFError(str(e)) from None
     want = model_shapes(cfg)
     where: dict[str, tuple[Path, str]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # a buffer some older exports carry; recomputed from rope_theta
-                try:
-                    ours = from_hf_name(name)
-                except KeyError as e:
-                    raise ImportHFError(f"{path}: {e.args[0]}") from None
-                if ours not in want:
-                    raise ImportHFError(f"{path}: {name} is beyond the {cfg.n_layers} layers config.json declares")
-                if ours in where:
-                    raise ImportHFError(f"{path}: {name} also appears in {where[ours][0].name}")
-                shape = tuple(fh.get_slice(name).get_shape())
-                if shape != want[ours]:
-                    raise ImportHFError(f"{path}: {name} has shape {shape}, config.json implies {want[ours]}")
-                where[ours] = (path, name)
+    try:
+        for path, fh, name, ours in safetensors_entries(files, from_hf_name):
+            if ours not in want:
+                raise ImportHFError(f"{path}: {name} is beyond the {cfg.n_layers} layers config.json declares")
+            shape = tuple(fh.get_slice(name).get_shape())
+            if shape != want[ours]:
+                raise ImportHFError(f"{path}: {name} has shape {shape}, config.json implies {want[ours]}")
+            where[ours] = (path, name)
+    except ImportHFError:
+        raise
+    except (KeyError, ValueError) as e:  # unknown or duplicated names, from safetensors_entries
+        raise ImportHFError(e.args[0]) from None
     missing = [to for to in want if to not in where]
     if missing:
         raise ImportHFError(f"{hf_dir}: parameter(s) {missing[:5]} missing from the weight files")
