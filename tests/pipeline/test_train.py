@@ -207,6 +207,21 @@ def test_resume_on_a_different_number_of_ranks(prepared_data, zero3_run, tmp_pat
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=2e-4)
 
 
+def test_pipeline_resumes_with_other_stages_and_data_parallel_size(prepared_data, pipe_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(pipe_run / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / f"global_step{STEPS}")
+    (out / "checkpoints" / "latest").write_text("global_step4\n")
+    # 2 stages × 1 replica → 1 stage × 2 replicas, same global batch of 16.
+    proc = run_deepspeed(common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json",
+                                "--set", "topology.pipeline_stages=1", "--set", "train.micro_batch_size=8",
+                                "--set", "train.grad_accum_steps=1"))
+    assert "converting to a universal checkpoint" in proc.stdout
+    got, want = train_losses(out), train_losses(pipe_run)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=2e-4)
+
+
 def test_samples_of_a_step_do_not_depend_on_world_size():
     def step_positions(step, dp, mb, gbs):
         accum = gbs // (mb * dp)
