@@ -92,7 +92,9 @@ def main() -> None:
         step = statistics.median(times)
         tok_s = profile.tokens_per_step / step
         flops = flops_per_token(profile.model, profile.data.seq_len) * tok_s
-        print(f"LLaMA-7B layer shape × {args.gpu_7b_layers} layers, seq 4096, bf16, 1 × {kind}")
+        m = profile.model
+        print(f"LLaMA-7B layer shape: dim {m.dim}, FFN {m.ffn_dim}, {m.n_heads} heads, {m.n_layers} layers, "
+              f"seq {profile.data.seq_len}, {profile.train.precision}, 1 × {kind}")
         print(f"  median step {step:.3f} s | {tok_s:,.0f} tokens/s | {flops / 1e12:.1f} TFLOP/s"
               + (f" | MFU {flops / peak:.1%}" if peak else ""))
         return
