@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.hf import model_shapes
+from pipeline.hf import model_shapes, shape_problem
 from pipeline.model import ModelConfig
 
 
@@ -82,15 +82,9 @@ def layer_units(names) -> list[list[str]]:
 
 
 def _check_names(where: str, have: dict, want: dict) -> None:
-    unknown = [n for n in have if n not in want]
-    if unknown:
-        raise CheckpointError(f"{where}: unknown parameter name(s) {unknown[:5]} for a LLaMA model")
-    missing = [n for n in want if n not in have]
-    if missing:
-        raise CheckpointError(f"{where}: parameter(s) {missing[:5]} missing")
-    for n, shape in have.items():
-        if tuple(shape) != tuple(want[n]):
-            raise CheckpointError(f"{where}: {n} has shape {tuple(shape)} but profile.json's model needs {tuple(want[n])}")
+    problem = shape_problem(have, want)
+    if problem:
+        raise CheckpointError(f"{where}: {problem[1]}")
 
 
 def _tag_step(tag_dir: Path) -> int | None:

@@ -315,18 +315,27 @@ def iter_safetensors(files: list[Path], rename=lambda n: n) -> Iterator[tuple[st
         yield ours, fh.get_tensor(name)
 
 
+def shape_problem(have: dict, want: dict[str, tuple[int, ...]]) -> tuple[type[Exception], str] | None:
+    """What is wrong with named shapes `have` against the model's `want`, as (KeyError, message)
+    for unknown or missing names and (ValueError, message) for a wrong shape; None when they agree."""
+    unknown = [n for n in have if n not in want]
+    if unknown:
+        return KeyError, f"unknown parameter name(s) {unknown[:5]} for this LLaMA model"
+    missing = [n for n in want if n not in have]
+    if missing:
+        return KeyError, f"parameter(s) {missing[:5]} missing"
+    for n, shape in have.items():
+        if tuple(shape) != tuple(want[n]):
+            return ValueError, f"{n} has shape {tuple(shape)} but the model needs {tuple(want[n])}"
+    return None
+
+
 def check_state(where: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Every parameter of `cfg` present with its shape, and nothing else."""
-    want = model_shapes(cfg)
-    missing = [n for n in want if n not in state]
-    if missing:
-        raise KeyError(f"{where}: parameter(s) {missing[:5]} missing")
-    extra = [n for n in state if n not in want]
-    if extra:
-        raise KeyError(f"{where}: parameter(s) {extra[:5]} are not part of the configured model")
-    for n, shape in want.items():
-        if tuple(state[n].shape) != shape:
-            raise ValueError(f"{where}: {n} has shape {tuple(state[n].shape)}, config.json implies {shape}")
+    problem = shape_problem({n: t.shape for n, t in state.items()}, model_shapes(cfg))
+    if problem:
+        error, message = problem
+        raise error(f"{where}: {message}")
 
 
 def load_hf_state(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
