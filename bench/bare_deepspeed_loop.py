@@ -20,6 +20,7 @@ from pipeline.config import load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
 from pipeline.model import Transformer, causal_lm_loss  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.train import init_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -31,9 +32,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    from deepspeed.accelerator import get_accelerator
-
-    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    init_distributed()  # the trainer's own: gloo on the CPU, and no shared-memory leftovers
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     manifest = Manifest.load(args.manifest)
     profile = load_profile(args.profile, world, [*args.overrides, f"data.manifest={args.manifest}"],

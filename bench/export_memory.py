@@ -15,7 +15,9 @@ export copies them without reading them).
 
 The export runs in a child process; its peak RSS (VmHWM, which includes the pages of memory-
 mapped checkpoint files while they are mapped) and wall time are printed, also as ratios to the
-fp32 model size and to the size of the checkpoint's files.
+fp32 model size and to the size of the checkpoint's files. The peer, DeepSpeed's own converter
+(`zero_to_fp32.convert_zero_checkpoint_to_state_dict` to safetensors, same dtype and shard size),
+is measured the same way on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -183,21 +185,35 @@ def main(argv=None) -> int:
     ckpt_bytes = sum(f.stat().st_size for f in (work / "run" / "checkpoints").rglob("*.pt"))
     fp32_bytes = cfg.num_params() * 4
 
-    # The export runs in a fresh interpreter that reports its own VmHWM (peak RSS of its address
-    # space since exec). ru_maxrss of a child is not used: Linux folds the forking parent's RSS
-    # into it, and this parent just held the checkpoint it built.
-    child = ("import json, sys; from pipeline.export import main; rc = main(sys.argv[1:]); "
-             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-             "print(json.dumps({'rc': rc, 'vmhwm_kb': int(hwm)}))")
-    cmd = [sys.executable, "-c", child, "--checkpoint", str(work / "run"), "--out", str(work / "hf"),
-           "--dtype", args.dtype, "--max-shard-size", args.max_shard_size]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    export_s = time.perf_counter() - t0
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    if report["rc"] != 0:
-        sys.exit(proc.stderr)
-    peak = report["vmhwm_kb"] * 1024
+    # Each converter runs in a fresh interpreter that reports its own VmHWM (peak RSS of its
+    # address space since exec). ru_maxrss of a child is not used: Linux folds the forking
+    # parent's RSS into it, and this parent just held the checkpoint it built.
+    hwm = ("hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+           "print(json.dumps({'rc': rc, 'vmhwm_kb': int(hwm)}))")
+    ours_code = "import json, sys; from pipeline.export import main; rc = main(sys.argv[1:]); " + hwm
+    ours_cmd = [sys.executable, "-c", ours_code, "--checkpoint", str(work / "run"), "--out", str(work / "hf"),
+                "--dtype", args.dtype, "--max-shard-size", args.max_shard_size]
+    # The peer: DeepSpeed's own converter (the zero_to_fp32.py script's function) to safetensors.
+    peer_code = ("import json, sys; from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict as c; "
+                 "c(sys.argv[1], sys.argv[2], dtype=sys.argv[3], max_shard_size=sys.argv[4], safe_serialization=True); "
+                 "rc = 0; " + hwm)
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    peer_cmd = [sys.executable, "-c", peer_code, str(work / "run" / "checkpoints"), str(work / "peer"),
+                dtypes[args.dtype], args.max_shard_size]
+
+    def measure(cmd: list[str]) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"{cmd[3:5]} failed:\n{proc.stderr[-3000:]}")
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if report["rc"] != 0:
+            sys.exit(proc.stderr)
+        return report["vmhwm_kb"] * 1024, seconds
+
+    peak, export_s = measure(ours_cmd)
+    peer_peak, peer_s = measure(peer_cmd)
     shards = sorted((work / "hf").glob("model-*.safetensors"))
     largest = max(f.stat().st_size for f in shards)
 
@@ -205,10 +221,12 @@ def main(argv=None) -> int:
     print(f"model: {cfg.num_params() / 1e9:.3f}B parameters, fp32 {fp32_bytes / gib:.2f} GiB; "
           f"checkpoint ({args.world} ranks, weights + AdamW moments) {ckpt_bytes / gib:.2f} GiB, built in {build_s:.0f} s")
     print(f"export to {args.dtype}, {len(shards)} shards, largest {largest / gib:.2f} GiB")
-    print(f"peak RSS {peak / gib:.2f} GiB = {peak / fp32_bytes:.3f} x fp32 model = {peak / ckpt_bytes:.3f} x checkpoint "
-          f"files = {peak / largest:.2f} x largest output shard")
-    print(f"time {export_s:.1f} s = {export_s / (ckpt_bytes / gib):.2f} s per checkpoint GiB "
-          f"({fp32_bytes / gib / export_s:.2f} GiB/s of fp32 weights)")
+    for name, pk, sec in (("ours (pipeline.export)", peak, export_s),
+                          ("DeepSpeed zero_to_fp32", peer_peak, peer_s)):
+        print(f"{name:24s} peak RSS {pk / gib:5.2f} GiB = {pk / fp32_bytes:.3f} x fp32 model = "
+              f"{pk / ckpt_bytes:.3f} x checkpoint files = {pk / largest:.2f} x largest output shard | "
+              f"time {sec:6.1f} s = {sec / (ckpt_bytes / gib):.2f} s per checkpoint GiB")
+    print(f"ratio ours / DeepSpeed: peak RSS {peak / peer_peak:.2f}, time {export_s / peer_s:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

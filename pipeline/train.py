@@ -52,9 +52,25 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    on_cpu = get_accelerator().device_name() == "cpu"
     # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    if on_cpu:
+        _unlink_cpu_shm_buffer()
+
+
+def _unlink_cpu_shm_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (the deepspeed_shm_comm op) creates one 66 MB
+    segment per rank in /dev/shm, named after the master address and port, and never unlinks it:
+    every run would leave its segments in RAM-backed /dev/shm until reboot. Once every rank has
+    mapped every segment (the barrier), the names can go; the mappings stay valid."""
+    torch.distributed.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # ranks on several hosts: DeepSpeed uses no shared memory then
+        pass
 
 
 class Preemption:

@@ -31,9 +31,11 @@ def cpu_env(**extra: str) -> dict:
 def run_deepspeed(module_args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
                   check: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module pipeline.train ARGS` on the CPU, output captured."""
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
            "--module", *module_args]
     proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    proc.master_port = port
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                              f"--- stderr ---\n{proc.stderr[-6000:]}")

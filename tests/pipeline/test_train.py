@@ -250,8 +250,11 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(prepared_data, tmp
 
 def test_injected_nan_is_skipped_and_counted(prepared_data, tmp_path):
     out = tmp_path / "run"
-    run_deepspeed(zero3_args(prepared_data, out, "--set", "train.steps=4", "--set", "train.checkpoint_every=0"),
-                  env=cpu_env(PIPELINE_INJECT_NAN_STEPS="2"))
+    proc = run_deepspeed(zero3_args(prepared_data, out, "--set", "train.steps=4", "--set", "train.checkpoint_every=0"),
+                         env=cpu_env(PIPELINE_INJECT_NAN_STEPS="2"))
+    # DeepSpeed's CPU shared-memory all-reduce segments of this run were unlinked (they would
+    # otherwise stay in RAM-backed /dev/shm, 66 MB per rank per run).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
     records = {r["step"]: r for r in read_metrics(out)}
     assert math.isnan(records[2]["train/loss"])
     assert records[1]["train/skipped_steps"] == 0
