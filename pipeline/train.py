@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from pipeline.checkpoint import CheckpointError, Checkpoints
 from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
-from pipeline.checkpoint import CheckpointError, Checkpoints
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
 from pipeline.model import ModelConfig
