@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import Profile
 from pipeline.engines.base import EngineBase
 from pipeline.model import Embedding, Linear, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
-from pipeline.optim import build_optimizer
+from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
 class EmbeddingLayer(nn.Module):
@@ -95,7 +95,8 @@ class PipelineEngine(EngineBase):
                 for full_name, p in module.named_parameters():
                     idx, name = full_name.split(".", 1)
                     p.copy_(init_state[pipeline_name(int(idx), name, profile.model.n_layers)])
-        optimizer, scheduler = build_optimizer(module.named_parameters(), profile.train)
+        optimizer, scheduler = build_optimizer(module.named_parameters(), profile.train,
+                                               optimizer_offloaded(profile.deepspeed))
         ds_engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self._wrap(ds_engine)

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import Profile
 from pipeline.engines.base import EngineBase
 from pipeline.model import Transformer, causal_lm_loss
-from pipeline.optim import build_optimizer
+from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
 class Zero3Engine(EngineBase):
@@ -25,7 +25,8 @@ class Zero3Engine(EngineBase):
         _load_partitioned(model, init_state)
         if profile.train.activation_checkpointing:
             model = _checkpointed(model)
-        optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train)
+        optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
+                                               optimizer_offloaded(profile.deepspeed))
         self._weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
         ds_engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)

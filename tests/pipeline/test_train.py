@@ -222,6 +222,16 @@ def test_pipeline_resumes_with_other_stages_and_data_parallel_size(prepared_data
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=2e-4)
 
 
+def test_optimizer_offload_uses_deepspeeds_cpu_adam_with_the_same_losses(prepared_data, zero3_run, tmp_path):
+    """ZeRO-Offload (as in 7b_zero3_offload.json): DeepSpeed refuses a torch optimizer there
+    (zero_force_ds_cpu_optimizer), so the trainer passes DeepSpeedCPUAdam in AdamW mode."""
+    out = tmp_path / "run"
+    run_deepspeed(zero3_args(prepared_data, out, "--set", 'deepspeed.zero_optimization.offload_optimizer={"device": "cpu"}',
+                             "--set", "train.checkpoint_every=0", "--set", "train.steps=4"))
+    got, want = train_losses(out), train_losses(zero3_run)
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=0, atol=2e-4)
+
+
 def test_samples_of_a_step_do_not_depend_on_world_size():
     def step_positions(step, dp, mb, gbs):
         accum = gbs // (mb * dp)
