@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +18,10 @@ import torch
 from pipeline.checkpoint_io import CheckpointError, Zero3Reader, load_file
 from pipeline.export import export, main, model_config_from_profile, read_run_profile
 from pipeline.model import Transformer
+from runs import run_deepspeed
 
 REPO = Path(__file__).resolve().parents[2]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+PIPELINE = REPO / "ds_configs" / "tiny_cpu_pipeline.json"  # 2 stages, ZeRO stage 1
 
 
 def licence_texts() -> list[str]:
@@ -40,19 +39,11 @@ def manifest(prepared_data) -> Path:
     return prepared_data
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(out: Path, manifest: Path, profile: Path, *overrides: str) -> Path:
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline.train",
-           "--profile", str(profile), "--out", str(out), "--set", f"data.manifest={manifest}",
-           "--set", "train.steps=3", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0", *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and (out / "checkpoints" / "latest").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_deepspeed(["pipeline.train", "--profile", str(profile), "--out", str(out), "--set", f"data.manifest={manifest}",
+                   "--set", "train.steps=3", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0",
+                   *overrides])
+    assert (out / "checkpoints" / "latest").exists()
     return out
 
 
@@ -61,25 +52,9 @@ def zero3_run(manifest, tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("zero3") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json")
 
 
-def pipeline_profile(tmp: Path) -> Path:
-    """tiny_cpu.json on the pipeline engine: 2 stages, ZeRO stage 1."""
-    profile = json.loads((REPO / "ds_configs" / "tiny_cpu.json").read_text())
-    profile["topology"] = {"engine": "pipeline", "pipeline_stages": 2}
-    profile["deepspeed"]["zero_optimization"] = {"stage": 1}
-    (tmp / "pipeline.json").write_text(json.dumps(profile))
-    return tmp / "pipeline.json"
-
-
-def has_pipeline_engine():
-    if not (REPO / "pipeline" / "engines" / "pipe.py").exists():
-        pytest.skip("pipeline engine (pipeline/engines/pipe.py) not in this tree yet")
-
-
 @pytest.fixture(scope="module")
 def pipeline_run(manifest, tmp_path_factory) -> Path:
-    has_pipeline_engine()
-    tmp = tmp_path_factory.mktemp("pipe")
-    return train(tmp / "run", manifest, pipeline_profile(tmp))
+    return train(tmp_path_factory.mktemp("pipe") / "run", manifest, PIPELINE)
 
 
 @pytest.fixture(params=["zero3", "pipeline"])
@@ -335,9 +310,7 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     from pipeline.data import Manifest
     from pipeline.import_hf import import_hf
 
-    if engine == "pipeline":
-        has_pipeline_engine()
-    profile = REPO / "ds_configs" / "tiny_cpu.json" if engine == "zero3" else pipeline_profile(tmp_path)
+    profile = REPO / "ds_configs" / "tiny_cpu.json" if engine == "zero3" else PIPELINE
     hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=Manifest.load(manifest).tokenizer.vocab_size,
                                       max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
