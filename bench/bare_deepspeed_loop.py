@@ -20,7 +20,7 @@ from pipeline.config import load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
 from pipeline.model import Transformer, causal_lm_loss  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.train import init_distributed  # noqa: E402
+from pipeline.distributed import init_distributed  # noqa: E402
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.faults import FaultInjection
 
 
@@ -95,11 +96,6 @@ def use_safe_loading(ds_engine) -> None:
     ds_engine.checkpoint_engine.load = safe_torch_load
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 class Checkpoints:
     def __init__(self, root: Path, keep_last: int):
         self.root, self.keep_last = Path(root), keep_last
@@ -112,12 +108,12 @@ class Checkpoints:
         run apart. Collective: call on every rank."""
         if self._run_id is None:
             f = self.root / "run_id"
-            if torch.distributed.get_rank() == 0 and not f.exists():
+            if distributed.rank() == 0 and not f.exists():
                 self.root.mkdir(parents=True, exist_ok=True)
                 tmp = self.root / "run_id.tmp"
                 tmp.write_text(uuid.uuid4().hex + "\n")
                 os.replace(tmp, f)
-            _barrier()
+            distributed.barrier()
             self._run_id = f.read_text().strip()
         return self._run_id
 
@@ -128,7 +124,7 @@ class Checkpoints:
     def load(self, engine, tag: str) -> int:
         """Load `tag` into `engine` and this rank's RNG states; returns the step it was saved at."""
         engine.load(str(self.root), tag)
-        rng_file = self.root / tag / "rng" / f"rank{torch.distributed.get_rank():05d}.json"
+        rng_file = self.root / tag / "rng" / f"rank{distributed.rank():05d}.json"
         if rng_file.exists():  # absent in universal checkpoints: another world size has other ranks
             restore_rng_state(json.loads(rng_file.read_text()))
         return self.meta(tag)["step"]
@@ -141,7 +137,7 @@ class Checkpoints:
 
     def save(self, engine, step: int, meta: dict, profile_dict: dict, faults: FaultInjection) -> str:
         tag = f"global_step{step}"
-        rank = torch.distributed.get_rank()
+        rank = distributed.rank()
         engine.save(str(self.root), tag, {"step": step, "run_id": self.run_id})
         rng_dir = self.root / tag / "rng"
         rng_dir.mkdir(exist_ok=True)
@@ -150,13 +146,13 @@ class Checkpoints:
             (self.root / tag / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
             (self.root / tag / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
         faults.maybe_die_in_save(step)
-        _barrier()
+        distributed.barrier()
         if rank == 0:
             tmp = self.root / "latest.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.root / "latest")
             self._prune(tag)
-        _barrier()
+        distributed.barrier()
         return tag
 
     def _prune(self, newest: str) -> None:
@@ -176,7 +172,7 @@ class Checkpoints:
         if all(saved.get(k) == v for k, v in topology.items()):
             return tag, False
         universal = f"{tag}_universal"
-        if torch.distributed.get_rank() == 0 and not (self.root / universal).is_dir():
+        if distributed.rank() == 0 and not (self.root / universal).is_dir():
             tmp = self.root / f".{universal}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -191,5 +187,5 @@ class Checkpoints:
             for name in ("profile.json", "meta.json"):
                 shutil.copy2(self.root / tag / name, tmp / name)
             os.replace(tmp, self.root / universal)
-        _barrier()
+        distributed.barrier()
         return universal, True

@@ -25,6 +25,7 @@ import torch
 from pipeline.checkpoint import CheckpointError, Checkpoints
 from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
+from pipeline.distributed import all_reduce_sum, barrier, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
 from pipeline.model import ModelConfig
@@ -48,31 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_distributed() -> None:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    on_cpu = get_accelerator().device_name() == "cpu"
-    # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
-    if on_cpu:
-        _unlink_cpu_shm_buffer()
-
-
-def _unlink_cpu_shm_buffer() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce (the deepspeed_shm_comm op) creates one 66 MB
-    segment per rank in /dev/shm, named after the master address and port, and never unlinks it:
-    every run would leave its segments in RAM-backed /dev/shm until reboot. Once every rank has
-    mapped every segment (the barrier), the names can go; the mappings stay valid."""
-    torch.distributed.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:  # ranks on several hosts: DeepSpeed uses no shared memory then
-        pass
-
-
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -88,9 +64,8 @@ class Preemption:
 def all_ranks_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
     """The mean of `value` over ranks and whether any rank raised `flag`, in one all-reduce
     (one collective per step is all the loop adds to DeepSpeed's own)."""
-    t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t[0].item() / torch.distributed.get_world_size(), bool(t[1].item() > 0)
+    total, raised = all_reduce_sum([value, 1.0 if flag else 0.0])
+    return total / world_size(), raised > 0
 
 
 def all_ranks_mean(value: float) -> float:
@@ -270,7 +245,7 @@ def main(argv=None) -> int:
                 print(f"preempted: stopped after step {step}; resume with --resume auto", flush=True)
             break
     metrics.close()
-    torch.distributed.barrier()
+    barrier()
     return 0
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Profile
+from pipeline import distributed
+from pipeline.distributed import broadcast_values
 from pipeline.engines.base import EngineBase
 from pipeline.model import Transformer, causal_lm_loss
 from pipeline.optim import build_optimizer, optimizer_offloaded
@@ -31,7 +33,7 @@ class Zero3Engine(EngineBase):
         ds_engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self._wrap(ds_engine)
-        self.dp_rank = torch.distributed.get_rank()  # every rank is a data-parallel replica
+        self.dp_rank = distributed.rank()  # every rank is a data-parallel replica
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
@@ -73,10 +75,8 @@ class Zero3Engine(EngineBase):
 
 
 def _load_partitioned(model: Transformer, state: dict[str, torch.Tensor] | None) -> None:
-    rank = torch.distributed.get_rank()
-    flag = torch.tensor([0 if rank != 0 else (1 if state is not None else 0)])
-    torch.distributed.broadcast(flag, 0)
-    if not flag.item():
+    rank = distributed.rank()
+    if not broadcast_values([1.0 if rank == 0 and state is not None else 0.0], src=0)[0]:
         return
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

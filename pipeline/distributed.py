@@ -1,0 +1,82 @@
+"""torch.distributed as the trainer uses it, beside DeepSpeed's own communication.
+
+Every tensor this code hands to a collective is made on `collective_device()`, the
+accelerator's current device, never on torch's default device: NCCL is bound to CUDA devices
+only and answers a CPU tensor with "No backend type associated with device type cpu", while
+gloo on the CPU accepts anything, so a CPU-only test run would never notice. Every collective
+of `pipeline/` goes through this module (tests/pipeline/test_distributed.py holds it to that).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+
+def collective_device() -> torch.device:
+    """The device the process group's backend serves: `cuda:LOCAL_RANK` under NCCL, `cpu` under gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def init_distributed() -> None:
+    """DeepSpeed's process group: NCCL (or the accelerator's backend) on GPUs, gloo on the CPU."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    if on_cpu:
+        _unlink_cpu_shm_buffer()
+
+
+def _unlink_cpu_shm_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (the deepspeed_shm_comm op) creates one 66 MB
+    segment per rank in /dev/shm, named after the master address and port, and never unlinks it:
+    every run would leave its segments in RAM-backed /dev/shm until reboot. Once every rank has
+    mapped every segment (the barrier), the names can go; the mappings stay valid."""
+    barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # ranks on several hosts: DeepSpeed uses no shared memory then
+        pass
+
+
+def rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size()
+
+
+def barrier() -> None:
+    """A barrier of the default group; a no-op when no process group exists (single-process tools)."""
+    if not torch.distributed.is_initialized():
+        return
+    device = collective_device()
+    # NCCL's barrier is an all-reduce on a device it must guess unless told.
+    if torch.distributed.get_backend() == "nccl" and device.index is not None:
+        torch.distributed.barrier(device_ids=[device.index])
+    else:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sums over all ranks, in one float64 all-reduce."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_values(values: Sequence[float], src: int = 0) -> list[float]:
+    """Rank `src`'s `values` on every rank (each rank passes a sequence of the same length)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=collective_device())
+    torch.distributed.broadcast(t, src)
+    return t.tolist()

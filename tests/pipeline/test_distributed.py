@@ -1,0 +1,138 @@
+"""Collectives on the device their backend serves.
+
+On a GPU node torch's default device is the CPU while the accelerator's is `cuda:N`, and NCCL
+is bound to CUDA only: a collective handed a tensor made without an explicit device fails with
+"No backend type associated with device type cpu". These tests recreate that split on the CPU:
+each rank's process group is bound to the accelerator's device type only (`cpu:gloo` for the
+CPU accelerator), and the default device is set to `meta`, so a tensor made without naming the
+accelerator's device lands on a device the backend does not serve and the collective fails
+exactly as NCCL does. (On `meta` a c10d op is a no-op rather than an error, so each rank also
+wraps the collectives in a check of the tensors' device types against the ones the process
+group's backend is bound to: the check NCCL makes.) Every call site of the trainer that hands a tensor to a collective runs
+here in two real processes.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from runs import REPO, free_port
+
+WORLD = 2
+
+
+def _rank_main(rank: int, port: int, call: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        device_type = torch.device(get_accelerator().current_device_name()).type
+        torch.distributed.init_process_group(f"{device_type}:gloo", rank=rank, world_size=WORLD)
+        _check_devices_in_collectives()
+        with torch.device("meta"):  # the default device differs from the accelerator's, as on a GPU node
+            results.put((rank, CALLS[call](rank)))
+    except Exception:
+        results.put((rank, "error: " + traceback.format_exc(limit=-3)))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _check_devices_in_collectives() -> None:
+    """Refuse, as c10d does for a device type its backend does not serve, any tensor whose device
+    type is not one the default group's backend is bound to (`cpu:gloo` → {"cpu"})."""
+    dist = torch.distributed
+    served = {part.split(":")[0] for part in dist.get_backend_config().split(",")}
+
+    def checked(fn):
+        def call(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                if t.device.type not in served:
+                    raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+                 "reduce", "gather", "scatter", "all_to_all_single", "send", "recv", "isend", "irecv"):
+        setattr(dist, name, checked(getattr(dist, name)))
+
+
+def _mean_and_any(rank: int):
+    from pipeline.train import all_ranks_mean_and_any
+
+    return all_ranks_mean_and_any(1.0 + 2.0 * rank, flag=rank == 1)
+
+
+def _init_from_flag(rank: int):
+    # ZeRO-3's --init-from: rank 0 tells every rank whether weights follow (none here).
+    from pipeline.engines.zero3 import _load_partitioned
+
+    _load_partitioned(None, None)
+    return "ok"
+
+
+def _broadcast(rank: int):
+    from pipeline.distributed import broadcast_values
+
+    return broadcast_values([7.0, float(rank)] if rank == 0 else [0.0, 0.0], src=0)
+
+
+CALLS = {"mean_and_any": _mean_and_any, "init_from_flag": _init_from_flag, "broadcast": _broadcast}
+
+
+def run_ranks(call: str) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, call, results)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator():
+    out = run_ranks("mean_and_any")
+    assert out == {0: (2.0, True), 1: (2.0, True)}, out
+
+
+def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator():
+    out = run_ranks("init_from_flag")
+    assert out == {0: "ok", 1: "ok"}, out
+
+
+def test_broadcast_values_reach_every_rank():
+    out = run_ranks("broadcast")
+    assert out == {0: [7.0, 0.0], 1: [7.0, 0.0]}, out
+
+
+COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single",
+               "broadcast_object_list", "all_gather_object", "barrier", "send", "recv", "isend", "irecv"}
+
+
+def test_collectives_are_called_only_through_pipeline_distributed():
+    """Complements the runs above, which can only exercise call sites they know: any other
+    module calling torch.distributed collectives directly would bypass the device rule."""
+    offenders = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        if path.name == "distributed.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
+                target = ast.unparse(node.value)
+                if target in ("torch.distributed", "dist", "deepspeed.comm"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {target}.{node.attr}")
+    assert not offenders, offenders
