@@ -103,7 +103,21 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # What makes a large model fast; each is off (or "auto") by default and changes no result
+    # beyond floating-point reordering (tests/pipeline/test_speedups.py compares losses).
+    # Activation checkpointing: recompute the activations of every k-th transformer block in the
+    # backward pass instead of storing them (k = activation_checkpointing_every; 1 = every block,
+    # torchtitan's "full"; 2 = half of them, its selective per-layer option).
     activation_checkpointing: bool = False
+    activation_checkpointing_every: int = Field(1, gt=0)
+    # Cross-entropy over chunks of this many tokens, each chunk's logits made, used and freed in
+    # turn: the full (tokens × vocabulary) fp32 logits never exist. 0: the whole batch at once.
+    loss_chunk_tokens: int = Field(0, ge=0)
+    # torch.compile each transformer block (after activation checkpointing, as torchtitan does).
+    compile: bool = False
+    # The scaled-dot-product-attention kernels allowed: "auto" lets torch choose; a name allows
+    # only that one, so a run that cannot use it fails instead of silently taking another.
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     seed: int = 1234
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)

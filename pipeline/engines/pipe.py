@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import Profile
+from pipeline.config import Profile, TrainSection
 from pipeline.engines.base import EngineBase
+from pipeline.engines.blocks import prepare_blocks
 from pipeline.model import Embedding, Linear, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
@@ -45,6 +45,7 @@ class BlockLayer(TransformerBlock):
         with seeded_init(seed, 1 + index):
             super().__init__(cfg)
         self._cfg = cfg
+        self.index = index
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -66,18 +67,16 @@ class HeadLayer(nn.Module):
         return self.output(self.norm(h))
 
 
-def _checkpoint(run, *inputs):
-    return checkpoint(run, *inputs, use_reentrant=False)
-
-
-def build_pipeline_module(cfg: ModelConfig, stages: int, seed: int, activation_checkpointing: bool) -> PipelineModule:
-    layers = [LayerSpec(EmbeddingLayer, cfg, seed)]
-    layers += [LayerSpec(BlockLayer, cfg, seed, i) for i in range(cfg.n_layers)]
-    layers += [LayerSpec(HeadLayer, cfg, seed)]
-    return PipelineModule(
-        layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
-        activation_checkpoint_interval=1 if activation_checkpointing else 0,
-        activation_checkpoint_func=_checkpoint, checkpointable_layers=["BlockLayer"])
+def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection) -> PipelineModule:
+    """This rank's stage. Activation checkpointing is not DeepSpeed's (activation_checkpoint_interval
+    stays 0): `prepare_blocks` applies it to the blocks as it does for ZeRO-3."""
+    layers = [LayerSpec(EmbeddingLayer, cfg, train.seed)]
+    layers += [LayerSpec(BlockLayer, cfg, train.seed, i) for i in range(cfg.n_layers)]
+    layers += [LayerSpec(HeadLayer, cfg, train.seed)]
+    module = PipelineModule(layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
+                            activation_checkpoint_interval=0)
+    prepare_blocks(((f.index, f) for f in module.forward_funcs if isinstance(f, BlockLayer)), train)
+    return module
 
 
 def pipeline_name(layer_index: int, name: str, n_layers: int) -> str:
@@ -88,8 +87,7 @@ def pipeline_name(layer_index: int, name: str, n_layers: int) -> str:
 class PipelineEngine(EngineBase):
     def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
-        module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train.seed,
-                                       profile.train.activation_checkpointing)
+        module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train)
         if init_state is not None:  # --init-from: every stage copies its own layers, before the optimizer exists
             with torch.no_grad():
                 for full_name, p in module.named_parameters():

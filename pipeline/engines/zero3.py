@@ -10,6 +10,7 @@ from pipeline.config import Profile
 from pipeline import distributed
 from pipeline.distributed import broadcast_values
 from pipeline.engines.base import EngineBase
+from pipeline.engines.blocks import prepare_blocks
 from pipeline.model import Transformer, causal_lm_loss
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
@@ -25,8 +26,7 @@ class Zero3Engine(EngineBase):
         # and re-partitioned. Done before deepspeed.initialize, which copies the partitions into
         # the optimizer's fp32 master weights. A no-op (one broadcast) without --init-from.
         _load_partitioned(model, init_state)
-        if profile.train.activation_checkpointing:
-            model = _checkpointed(model)
+        prepare_blocks(enumerate(model.layers), profile.train)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
                                                optimizer_offloaded(profile.deepspeed))
         self._weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
@@ -82,13 +82,3 @@ def _load_partitioned(model: Transformer, state: dict[str, torch.Tensor] | None)
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if rank == 0:
                 p.data.copy_(state[name])
-
-
-def _checkpointed(model: Transformer) -> Transformer:
-    """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        forward = block.forward
-        block.forward = lambda x, cos, sin, _f=forward: checkpoint(_f, x, cos, sin, use_reentrant=False)
-    return model

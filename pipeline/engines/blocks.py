@@ -1,0 +1,56 @@
+"""What both engines do to the transformer blocks before DeepSpeed wraps them, in one place and
+one order (torchtitan's `parallelize_llama` order): attention kernel choice → activation
+checkpointing → torch.compile.
+
+Each transform replaces the block's `forward` on the instance, so parameter names, and with
+them checkpoints and the Hugging Face mapping, do not change.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import TrainSection
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def checkpointed_block(index: int, every: int) -> bool:
+    """Whether block `index` (0-based, over the whole model) recomputes its activations: blocks
+    k-1, 2k-1, ... for every = k, so a pipeline stage decides alike for its share of the blocks."""
+    return (index + 1) % every == 0
+
+
+def _with_sdpa_backend(forward, backend):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with sdpa_kernel([backend]):
+            return forward(*args, **kwargs)
+    return run
+
+
+def _recomputed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        # Non-reentrant: works with inputs that need no grad (a pipeline stage's first block) and
+        # with ZeRO-3, whose hooks gather the parameters again for the recomputation.
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def prepare_blocks(blocks: Iterable[tuple[int, nn.Module]], train: TrainSection) -> None:
+    """Apply the profile's attention backend, activation checkpointing and compilation to
+    `blocks`, given as (index in the whole model, block) pairs."""
+    for index, block in blocks:
+        if train.attention_backend != "auto":
+            block.forward = _with_sdpa_backend(block.forward, SDPA_BACKENDS[train.attention_backend])
+        if train.activation_checkpointing and checkpointed_block(index, train.activation_checkpointing_every):
+            block.forward = _recomputed(block.forward)
+        if train.compile:
+            block.compile()
