@@ -115,9 +115,9 @@ class TrainSection(_Section):
     loss_chunk_tokens: int = Field(0, ge=0)
     # torch.compile each transformer block (after activation checkpointing, as torchtitan does).
     compile: bool = False
-    # The scaled-dot-product-attention kernels allowed: "auto" lets torch choose; a name allows
+    # The scaled-dot-product-attention kernels allowed: "default" lets torch choose; a name allows
     # only that one, so a run that cannot use it fails instead of silently taking another.
-    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    attention_backend: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
     seed: int = 1234
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)

@@ -48,7 +48,7 @@ def prepare_blocks(blocks: Iterable[tuple[int, nn.Module]], train: TrainSection)
     """Apply the profile's attention backend, activation checkpointing and compilation to
     `blocks`, given as (index in the whole model, block) pairs."""
     for index, block in blocks:
-        if train.attention_backend != "auto":
+        if train.attention_backend != "default":
             block.forward = _with_sdpa_backend(block.forward, SDPA_BACKENDS[train.attention_backend])
         if train.activation_checkpointing and checkpointed_block(index, train.activation_checkpointing_every):
             block.forward = _recomputed(block.forward)
