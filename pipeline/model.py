@@ -2,7 +2,7 @@
 
 Reads top to bottom like the diagram:
 
-    tokens → Embedding → [TransformerBlock × n_layers] → RMSNorm → Linear head → logits
+    tokens → Embedding → [TransformerBlock × n_layers] → RMSNorm → LMHead → logits (or, given labels, the loss)
     TransformerBlock:  x + Attention(RMSNorm(x)),  then  h + FeedForward(RMSNorm(h))
     Attention:         q, k, v projections → rotary embedding on q, k → causal SDPA → output projection
     FeedForward:       SwiGLU, w2(silu(w1 x) * w3 x)
@@ -194,8 +194,27 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class LMHead(Linear):
+    """The output projection. Given labels it returns the mean next-token loss instead of the
+    logits; with `loss_chunk_tokens` set it never holds more than that many tokens' logits
+    (`chunked_cross_entropy`), which for a 32k vocabulary at 4096 tokens × micro-batch 4 saves
+    the 2 GiB of fp32 logits plus their gradient. Computed inside this module's own forward so
+    that ZeRO-3 has gathered the weight."""
+
+    def __init__(self, dim: int, vocab_size: int, std: float, loss_chunk_tokens: int = 0):
+        super().__init__(dim, vocab_size, std)
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        if not self.loss_chunk_tokens:
+            return causal_lm_loss(super().forward(h), labels)
+        return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1), self.loss_chunk_tokens)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, loss_chunk_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
         with seeded_init(seed, 0):
@@ -207,20 +226,68 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(blocks)
         with seeded_init(seed, cfg.n_layers + 1):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+            self.output = LMHead(cfg.dim, cfg.vocab_size, cfg.init_std, loss_chunk_tokens)
 
     def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, seq) int64 → logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (batch, seq) int64 → logits (batch, seq, vocab); with labels (already shifted,
+        as `causal_lm_loss` takes them) → the mean loss, a scalar."""
         cos, sin = self.rotary(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h), labels)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; `labels` are already shifted (labels[t] = tokens[t+1])."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `labels`, one chunk of tokens at a time.
+
+    Each chunk's gradients are computed in the forward pass while its logits exist (softmax
+    minus one-hot is the gradient of cross-entropy with respect to the logits), so backward has
+    nothing to recompute: memory is one chunk's fp32 logits plus the gradients of `h` and
+    `weight` that backward would hold anyway. The same arithmetic as the unchunked path (16-bit
+    matmuls, fp32 softmax), so losses agree to float rounding."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk):
+            hc, yc = h[start:start + chunk], labels[start:start + chunk]
+            logits = F.linear(hc, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                d = torch.exp(logits - lse[:, None])  # softmax, in place of the logits
+                d[torch.arange(len(yc), device=d.device), yc] -= 1.0
+                d = d.to(h.dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = d @ weight
+                if want_w:
+                    grad_w += (d.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n, ctx.weight_dtype = n, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None)
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`causal_lm_loss(F.linear(h, weight), labels)` for h (tokens, dim), labels (tokens,), with
+    at most `chunk` tokens' logits in memory at once."""
+    return _ChunkedLinearCrossEntropy.apply(h, weight, labels, chunk)

@@ -23,7 +23,7 @@ from torch import nn
 from pipeline.config import Profile, TrainSection
 from pipeline.engines.base import EngineBase
 from pipeline.engines.blocks import prepare_blocks
-from pipeline.model import Embedding, Linear, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
+from pipeline.model import Embedding, LMHead, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
@@ -57,14 +57,22 @@ class BlockLayer(TransformerBlock):
 
 
 class HeadLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int):
+    """Final norm and output projection. DeepSpeed hands the last stage's output and the labels
+    to a separate loss function; with a chunked loss that output is the normalised hidden state
+    and `loss` applies the head chunk by chunk, so the full logits never exist."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, loss_chunk_tokens: int = 0):
         super().__init__()
         with seeded_init(seed, cfg.n_layers + 1):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+            self.output = LMHead(cfg.dim, cfg.vocab_size, cfg.init_std, loss_chunk_tokens)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return h if self.output.loss_chunk_tokens else self.output(h)
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.output(out, labels) if self.output.loss_chunk_tokens else causal_lm_loss(out, labels)
 
 
 def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection) -> PipelineModule:
@@ -72,7 +80,7 @@ def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection) ->
     stays 0): `prepare_blocks` applies it to the blocks as it does for ZeRO-3."""
     layers = [LayerSpec(EmbeddingLayer, cfg, train.seed)]
     layers += [LayerSpec(BlockLayer, cfg, train.seed, i) for i in range(cfg.n_layers)]
-    layers += [LayerSpec(HeadLayer, cfg, train.seed)]
+    layers += [LayerSpec(HeadLayer, cfg, train.seed, train.loss_chunk_tokens)]
     module = PipelineModule(layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
                             activation_checkpoint_interval=0)
     prepare_blocks(((f.index, f) for f in module.forward_funcs if isinstance(f, BlockLayer)), train)
@@ -100,10 +108,11 @@ class PipelineEngine(EngineBase):
         self._wrap(ds_engine)
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self._poison = False
-        module.loss_fn = self._loss  # runs on the last stage
+        self._head = module.forward_funcs[-1]  # a HeadLayer on the last stage, whose loss DeepSpeed calls
+        module.loss_fn = self._loss
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = causal_lm_loss(logits, labels)
+    def _loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self._head.loss(out, labels)
         return loss * float("nan") if self._poison else loss  # fault injection (pipeline/faults.py)
 
     def _iter(self, micro_batches):

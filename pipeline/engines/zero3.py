@@ -11,7 +11,7 @@ from pipeline import distributed
 from pipeline.distributed import broadcast_values
 from pipeline.engines.base import EngineBase
 from pipeline.engines.blocks import prepare_blocks
-from pipeline.model import Transformer, causal_lm_loss
+from pipeline.model import Transformer
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
@@ -21,7 +21,7 @@ class Zero3Engine(EngineBase):
         # Built under zero.Init so no rank ever holds the whole model: each parameter is
         # partitioned as soon as its module is constructed (the 7B model never materialises).
         with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
-            model = Transformer(profile.model, seed=profile.train.seed)
+            model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
         # --init-from: rank 0 holds the weights; each parameter is gathered, overwritten on rank 0
         # and re-partitioned. Done before deepspeed.initialize, which copies the partitions into
         # the optimizer's fp32 master weights. A no-op (one broadcast) without --init-from.
@@ -42,7 +42,7 @@ class Zero3Engine(EngineBase):
         self.engine.train()
         total = 0.0
         for x, y in micro_batches:
-            loss = causal_lm_loss(self.engine(self._to(x)), self._to(y))
+            loss = self.engine(self._to(x), self._to(y))
             if poison:  # fault injection (pipeline/faults.py)
                 loss = loss * float("nan")
             self.engine.backward(loss)
@@ -53,7 +53,7 @@ class Zero3Engine(EngineBase):
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
         self.engine.eval()
-        losses = [causal_lm_loss(self.engine(self._to(x)), self._to(y)).item() for x, y in micro_batches]
+        losses = [self.engine(self._to(x), self._to(y)).item() for x, y in micro_batches]
         return sum(losses) / len(losses)
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
