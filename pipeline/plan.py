@@ -158,22 +158,33 @@ def model_state_bytes(profile: Profile, nodes: int, gpus_per_node: int) -> tuple
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, layers: int, checkpointing: bool,
-                     bytes_per_value: int = 2, with_head: bool = True) -> float:
+                     bytes_per_value: int = 2, with_head: bool = True, checkpoint_every: int = 1,
+                     loss_chunk_tokens: int = 0) -> float:
     """Activation memory of one micro-batch through `layers` blocks (and the output head).
 
     Per block and token, in values (SDPA's fused kernels keep no T×T score matrix):
       two RMSNorms: input, fp32 internals (2 values' worth), output    4·2d + 2·2d (fp32) = 12d
       attention: q, k, v; the SDPA output and the reshaped copy for wo  d + 2·d_kv + 2d
       SwiGLU: w1 and w3 outputs, silu(w1 x), the product fed to w2      4f
-    With activation checkpointing each block keeps only its input (d values) and one block is
-    recomputed at a time. The head keeps 16-bit logits plus the fp32 log-softmax of the loss.
+    With activation checkpointing every k-th block keeps only its input (d values), the others
+    keep everything, and one block is recomputed at a time. The head keeps 16-bit logits plus
+    the fp32 log-softmax of the loss; with the chunked loss (`loss_chunk_tokens` = C) one
+    chunk's 16-bit logits, their fp32 copy, the fp32 softmax and its 16-bit cast (12 bytes per
+    value) exist at a time, plus the fp32 gradient of the head's V·d weight built in the forward.
     """
     d_kv = cfg.kv_heads * cfg.head_dim
     tokens = micro_batch * seq_len
     per_block = tokens * (12 * cfg.dim + 3 * cfg.dim + 2 * d_kv + 4 * cfg.ffn_dim) * bytes_per_value
-    head = tokens * cfg.vocab_size * (bytes_per_value + 4) if with_head else 0.0
+    if not with_head:
+        head = 0.0
+    elif loss_chunk_tokens:
+        head = min(tokens, loss_chunk_tokens) * cfg.vocab_size * 12 + 4 * cfg.vocab_size * cfg.dim
+    else:
+        head = tokens * cfg.vocab_size * (bytes_per_value + 4)
     if checkpointing:
-        return layers * tokens * cfg.dim * bytes_per_value + per_block + head
+        recomputed = layers // checkpoint_every
+        return (recomputed * tokens * cfg.dim * bytes_per_value + (layers - recomputed) * per_block
+                + per_block + head)
     return layers * per_block + head
 
 
@@ -189,7 +200,9 @@ def memory(profile: Profile, nodes: int, gpus_per_node: int, micro_batch: int | 
         layers = math.ceil(cfg.n_layers / stages)
         # 1F1B: the first stage holds the activations of up to `stages` micro-batches at once.
         in_flight = min(stages, profile.grad_accum_steps)
-    act = lambda ckpt: in_flight * activation_bytes(cfg, mb, profile.data.seq_len, layers, ckpt, bpv)  # noqa: E731
+    act = lambda ckpt: in_flight * activation_bytes(  # noqa: E731
+        cfg, mb, profile.data.seq_len, layers, ckpt, bpv, checkpoint_every=t.activation_checkpointing_every,
+        loss_chunk_tokens=t.loss_chunk_tokens)
     estimate = None
     if profile.topology.engine == "zero3" and t.precision != "fp32":
         off_opt, off_param = _offload(profile)

@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, Checkpoints
-from pipeline.config import ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
+from pipeline.config import Profile, ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
 from pipeline.distributed import all_reduce_sum, barrier, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
@@ -83,170 +84,253 @@ def load_init_weights(path: str, model: ModelConfig) -> dict:
     return state
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # Validate everything that can be checked from files before any process group starts, so a
-    # bad profile fails fast on every rank with the same one-line reasons.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+class StartError(Exception):
+    """A reason not to start, one line; `only_rank0`: every rank reached it, so one report is enough."""
+
+    def __init__(self, message: str, only_rank0: bool = True):
+        super().__init__(message)
+        self.only_rank0 = only_rank0
+
+
+def resolve_profile(args: argparse.Namespace, world: int) -> tuple[Profile, Manifest]:
+    """The profile with every derived value, checked against the data manifest it names."""
     try:
         raw = parse_profile(apply_overrides(read_profile_json(args.profile), args.overrides), args.profile)
         manifest = Manifest.load(raw.data.manifest)
         profile = resolve(raw, args.profile, world, vocab_size=manifest.tokenizer.vocab_size)
-        if profile.model.vocab_size < manifest.tokenizer.vocab_size:
-            raise ProfileError(f"{args.profile}: model.vocab_size={profile.model.vocab_size} is smaller than the "
-                               f"tokenizer's {manifest.tokenizer.vocab_size} ({manifest.tokenizer.model_path})")
     except (ProfileError, ManifestError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise StartError(f"error: {e}") from None
+    if profile.model.vocab_size < manifest.tokenizer.vocab_size:
+        raise StartError(f"error: {args.profile}: model.vocab_size={profile.model.vocab_size} is smaller than the "
+                         f"tokenizer's {manifest.tokenizer.vocab_size} ({manifest.tokenizer.model_path})")
+    return profile, manifest
+
+
+def check_preflight(profile: Profile, args: argparse.Namespace, world: int, rank: int) -> None:
+    """`python -m pipeline.preflight`'s checks, from files only, so every rank reaches its verdict
+    before any process group exists; rank 0 and each node's first rank report (a node can miss a mount)."""
     from pipeline.preflight import run_preflight
 
-    # `python -m pipeline.preflight`'s checks, from files only, so every rank reaches its verdict
-    # before any process group exists; rank 0 and each node's first rank report (a node can miss a mount).
-    failures = run_preflight(profile, raw.data.manifest, args.out, world)
+    failures = run_preflight(profile, profile.data.manifest, args.out, world)
     if failures:
-        if rank == 0 or args.local_rank == 0:
-            for line in failures:
-                print(f"preflight (rank {rank}): {line}", file=sys.stderr)
-        return 2
-    init_distributed()
+        report = rank == 0 or args.local_rank == 0
+        raise StartError("\n".join(f"preflight (rank {rank}): {line}" for line in failures) if report else "",
+                         only_rank0=False)
 
-    out = Path(args.out)
-    ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
+
+def write_run_files(ckpts: Checkpoints, profile: Profile, out: Path) -> dict:
+    """OUT/profile.json (the resolved profile, with the manifest's absolute path); returns it."""
     profile_dict = profile.resolved_dict()
-    profile_dict["data"]["manifest"] = str(Path(raw.data.manifest).resolve())
-    if rank == 0:
+    profile_dict["data"]["manifest"] = str(Path(profile.data.manifest).resolve())
+    if distributed.rank() == 0:
         ckpts.root.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
     ckpts.run_id  # collective: every rank learns the run's id before the first save
+    return profile_dict
 
-    t = profile.train
-    tag = ckpts.latest() if args.resume == "auto" else (None if args.resume == "none" else args.resume)
-    if args.resume == "none" and ckpts.latest():
-        if rank == 0:
-            print(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out", file=sys.stderr)
-        return 2
-    topology = {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
-    load_tag = None
-    if tag:
-        try:
-            load_tag, universal = ckpts.prepare_resume(tag, topology)
-        except CheckpointError as e:
-            if rank == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
-        if universal:
-            profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
 
-    init_state = None
-    if args.init_from and not load_tag and (rank == 0 or profile.topology.engine == "pipeline"):
-        try:
-            init_state = load_init_weights(args.init_from, profile.model)
-        except (OSError, KeyError, ValueError) as e:
-            print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
-            return 2  # the other ranks fail at their next collective; the launcher reports this rank
+def topology_of(profile: Profile) -> dict:
+    return {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank, and across engines
+
+def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str | None, Profile]:
+    """The tag to load (None: start fresh) and the profile to build the engine with (told to
+    read a universal checkpoint when the topology changed since the tag was written)."""
+    if resume == "none":
+        if ckpts.latest():
+            raise StartError(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out")
+        return None, profile
+    tag = ckpts.latest() if resume == "auto" else resume
+    if not tag:
+        return None, profile
+    try:
+        load_tag, universal = ckpts.prepare_resume(tag, topology_of(profile))
+    except CheckpointError as e:
+        raise StartError(f"error: {e}") from None
+    if universal:
+        profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
+    return load_tag, profile
+
+
+def initial_weights(init_from: str | None, profile: Profile) -> dict | None:
+    """--init-from's weights where the engine needs them: rank 0 for ZeRO-3, every pipeline rank."""
+    if not init_from or not (distributed.rank() == 0 or profile.topology.engine == "pipeline"):
+        return None
+    try:
+        return load_init_weights(init_from, profile.model)
+    except (OSError, KeyError, ValueError) as e:
+        # The other ranks fail at their next collective; the launcher reports this rank.
+        raise StartError(f"error: --init-from {init_from}: {e}", only_rank0=False) from None
+
+
+class Trainer:
+    """The loop, one named step at a time: train step, metrics, evaluation, checkpoint, stop."""
+
+    def __init__(self, profile: Profile, manifest: Manifest, engine, ckpts: Checkpoints, profile_dict: dict,
+                 out: Path, start_step: int):
+        self.profile, self.engine, self.ckpts, self.profile_dict = profile, engine, ckpts, profile_dict
+        self.start_step = self.step = start_step
+        self.rank, self.world = distributed.rank(), world_size()
+        t = profile.train
+        self.train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
+        self.val_samples = (open_split(manifest, "validation", profile.data.seq_len, profile.data.seed)
+                            if manifest.split_shards("validation") else None)
+        self.flops_per_token = flops_per_token(profile.model, profile.data.seq_len)
+        self.device_kind, self.peak_flops = detect_peak_flops()
+        self.metrics = MetricsWriter(out, enabled=self.rank == 0)
+        self.preempt = Preemption()
+        self.faults = FaultInjection.from_env()
+        self.skips = SkipTracker(t.max_consecutive_skips, already_skipped=engine.skipped_steps)
+        self.spikes = LossSpikeDetector()
+
+    def say(self, line: str, **kw) -> None:
+        if self.rank == 0:
+            print(line, flush=True, **kw)
+
+    def micro_batches(self, samples, step: int) -> list:
+        p = self.profile
+        return [samples.batch(micro_batch_positions(step, m, self.engine.dp_rank, p.train.micro_batch_size,
+                                                    p.data_parallel_size, p.global_batch_size))
+                for m in range(p.grad_accum_steps)]
+
+    def train_step(self) -> tuple[float, bool]:
+        """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop)."""
+        local = self.engine.train_step(self.micro_batches(self.train_samples, self.step),
+                                       poison=self.step + 1 in self.faults.nan_steps)
+        self.step += 1
+        return all_ranks_mean_and_any(local, self.preempt.requested)
+
+    def step_metrics(self, loss: float, elapsed: float) -> dict:
+        p = self.profile
+        tokens_per_s = p.tokens_per_step / elapsed
+        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        values = {"train/loss": loss, "train/lr": self.engine.lr, "perf/tokens_per_s": tokens_per_s,
+                  "perf/tflops_per_device": tflops, "perf/step_time_s": elapsed,
+                  "data/consumed_samples": self.step * p.global_batch_size, "train/skipped_steps": self.skips.total,
+                  "train/loss_spikes": self.spikes.spikes}
+        if self.engine.grad_norm is not None:
+            values["train/grad_norm"] = self.engine.grad_norm
+        if self.peak_flops:
+            values["perf/mfu"] = tflops * 1e12 / self.peak_flops
+        if torch.cuda.is_available():
+            values["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            values["mem/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+        return values
+
+    def evaluate(self) -> float:
+        losses = [self.engine.eval_loss(self.micro_batches(self.val_samples, b)) for b in range(self.profile.train.eval_batches)]
+        return all_ranks_mean(sum(losses) / len(losses))
+
+    def eval_due(self) -> bool:
+        t = self.profile.train
+        return self.val_samples is not None and t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
+
+    def report(self, loss: float, values: dict, skipped: bool, spike: bool) -> None:
+        t, step = self.profile.train, self.step
+        if skipped:
+            self.say(f"step {step}: skipped (non-finite loss or gradient norm; loss {loss}); "
+                     f"{self.skips.consecutive} in a row, {self.skips.total} in total")
+        if spike:
+            self.say(f"step {step}: loss spike {loss:.4f} (spike #{self.spikes.spikes})")
+        if step % t.log_every == 0 or step == t.steps or step == self.start_step + 1:
+            line = (f"step {step}/{t.steps} | loss {loss:.4f} | lr {values['train/lr']:.2e} | "
+                    f"gnorm {values.get('train/grad_norm', float('nan')):.3f} | {values['perf/tokens_per_s']:,.0f} tok/s | "
+                    f"{values['perf/tflops_per_device']:.3f} TFLOP/s/{self.device_kind}")
+            if "perf/mfu" in values:
+                line += f" | MFU {values['perf/mfu']:.1%}"
+            if "val/loss" in values:
+                line += f" | val {values['val/loss']:.4f}"
+            self.say(line)
+
+    def checkpoint(self) -> None:
+        # After skipped steps the weights are still those from before the trouble.
+        meta = {"consumed_samples": self.step * self.profile.global_batch_size, "world_size": self.world,
+                **topology_of(self.profile)}
+        saved = self.ckpts.save(self.engine, self.step, meta, self.profile_dict, self.faults)
+        self.say(f"checkpoint {self.ckpts.root / saved}")
+
+    def checkpoint_due(self, stop: bool) -> bool:
+        t = self.profile.train
+        return stop or self.skips.exhausted or self.step == t.steps or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0)
+
+    def run(self) -> int:
+        t = self.profile.train
+        tic = time.perf_counter()
+        while self.step < t.steps:
+            loss, stop = self.train_step()
+            skipped, spike = self.skips.update(self.engine.skipped_steps), self.spikes.update(loss)
+            elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+            values = self.step_metrics(loss, elapsed)
+            if self.eval_due():
+                values["val/loss"] = self.evaluate()
+            self.metrics.log(self.step, values)
+            self.report(loss, values, skipped, spike)
+            if self.checkpoint_due(stop):
+                self.checkpoint()
+            if self.skips.exhausted:
+                self.say(f"error: {self.skips.consecutive} consecutive steps had a non-finite loss or gradient norm "
+                         f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopped at step {self.step}. The "
+                         f"weights in {self.ckpts.root / self.ckpts.latest()} are those from before step "
+                         f"{self.step - self.skips.consecutive + 1}; lower train.lr or inspect the data, then resume "
+                         "with --resume auto", file=sys.stderr)
+                self.metrics.close()
+                return 3
+            if stop:
+                self.say(f"preempted: stopped after step {self.step}; resume with --resume auto")
+                break
+        self.metrics.close()
+        barrier()
+        return 0
+
+
+def start(args: argparse.Namespace) -> Trainer:
+    """Everything before the first step: profile, preflight, process group, resume point, engine."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    # Validate everything that can be checked from files before any process group starts, so a
+    # bad profile fails fast on every rank with the same one-line reasons.
+    profile, manifest = resolve_profile(args, world)
+    check_preflight(profile, args, world, rank)
+    init_distributed()
+    out = Path(args.out)
+    ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
+    profile_dict = write_run_files(ckpts, profile, out)
+    load_tag, profile = resume_point(ckpts, args.resume, profile)
+    init_state = initial_weights(args.init_from, profile) if not load_tag else None
+    torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
 
     engine = build_engine(profile, init_state)
     del init_state
     if args.init_from and not load_tag and rank == 0:
         print(f"initialised from {args.init_from}", flush=True)
-    train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
-    val_shards = manifest.split_shards("validation")
-    val_samples = open_split(manifest, "validation", profile.data.seq_len, profile.data.seed) if val_shards else None
-
     start_step = 0
     if load_tag:
         try:
             start_step = ckpts.load(engine, load_tag)
         except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
-            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-            return 2
+            raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
         if rank == 0:
             print(f"resumed from {ckpts.root / load_tag} at step {start_step}", flush=True)
+    trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, start_step)
+    p, t = profile, profile.train
+    trainer.say(f"training {p.model.num_params() / 1e6:.2f}M parameters | engine {p.topology.engine} | "
+                f"world {world} (data-parallel {p.data_parallel_size}) | batch {p.global_batch_size} × "
+                f"{p.data.seq_len} tokens | steps {start_step}→{t.steps} | "
+                f"{trainer.train_samples.num_samples} train samples")
+    return trainer
 
-    mb, dp, accum, gbs = t.micro_batch_size, profile.data_parallel_size, profile.grad_accum_steps, profile.global_batch_size
-    dp_rank = engine.dp_rank
-    fpt = flops_per_token(profile.model, profile.data.seq_len)
-    device_kind, peak = detect_peak_flops()
-    metrics = MetricsWriter(out, enabled=rank == 0)
-    preempt = Preemption()
-    faults = FaultInjection.from_env()
-    skips = SkipTracker(t.max_consecutive_skips, already_skipped=engine.skipped_steps)
-    spikes = LossSpikeDetector()
-    if rank == 0:
-        print(f"training {profile.model.num_params() / 1e6:.2f}M parameters | engine {profile.topology.engine} | "
-              f"world {world} (data-parallel {dp}) | batch {gbs} × {profile.data.seq_len} tokens | "
-              f"steps {start_step}→{t.steps} | {train_samples.num_samples} train samples", flush=True)
 
-    def micro_batches(samples, step):
-        return [samples.batch(micro_batch_positions(step, m, dp_rank, mb, dp, gbs)) for m in range(accum)]
-
-    tic = time.perf_counter()
-    step = start_step
-    while step < t.steps:
-        local = engine.train_step(micro_batches(train_samples, step), poison=step + 1 in faults.nan_steps)
-        loss, stop = all_ranks_mean_and_any(local, preempt.requested)
-        step += 1
-        skipped = skips.update(engine.skipped_steps)
-        spike = spikes.update(loss)
-        elapsed = time.perf_counter() - tic
-        tic = time.perf_counter()
-        tokens_per_s = profile.tokens_per_step / elapsed
-        tflops_per_dev = fpt * tokens_per_s / world / 1e12
-        values = {"train/loss": loss, "train/lr": engine.lr, "perf/tokens_per_s": tokens_per_s,
-                  "perf/tflops_per_device": tflops_per_dev, "perf/step_time_s": elapsed,
-                  "data/consumed_samples": step * gbs, "train/skipped_steps": skips.total,
-                  "train/loss_spikes": spikes.spikes}
-        if engine.grad_norm is not None:
-            values["train/grad_norm"] = engine.grad_norm
-        if peak:
-            values["perf/mfu"] = tflops_per_dev * 1e12 / peak
-        if torch.cuda.is_available():
-            values["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            values["mem/rss_gb"] = psutil.Process().memory_info().rss / 2**30
-        if val_samples is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            losses = [engine.eval_loss(micro_batches(val_samples, b)) for b in range(t.eval_batches)]
-            values["val/loss"] = all_ranks_mean(sum(losses) / len(losses))
-        metrics.log(step, values)
-        if rank == 0 and skipped:
-            print(f"step {step}: skipped (non-finite loss or gradient norm; loss {loss}); "
-                  f"{skips.consecutive} in a row, {skips.total} in total", flush=True)
-        if rank == 0 and spike:
-            print(f"step {step}: loss spike {loss:.4f} (spike #{spikes.spikes})", flush=True)
-        if rank == 0 and (step % t.log_every == 0 or step == t.steps or step == start_step + 1):
-            line = (f"step {step}/{t.steps} | loss {loss:.4f} | lr {engine.lr:.2e} | "
-                    f"gnorm {values.get('train/grad_norm', float('nan')):.3f} | {tokens_per_s:,.0f} tok/s | "
-                    f"{tflops_per_dev:.3f} TFLOP/s/{device_kind}")
-            if "perf/mfu" in values:
-                line += f" | MFU {values['perf/mfu']:.1%}"
-            if "val/loss" in values:
-                line += f" | val {values['val/loss']:.4f}"
-            print(line, flush=True)
-        if stop or skips.exhausted or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            # After skipped steps the weights are still those from before the trouble.
-            meta = {"consumed_samples": step * gbs, "world_size": world, **topology}
-            saved = ckpts.save(engine, step, meta, profile_dict, faults)
-            if rank == 0:
-                print(f"checkpoint {ckpts.root / saved}", flush=True)
-        if skips.exhausted:
-            if rank == 0:
-                print(f"error: {skips.consecutive} consecutive steps had a non-finite loss or gradient norm "
-                      f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopped at step {step}. The weights "
-                      f"in {ckpts.root / ckpts.latest()} are those from before step {step - skips.consecutive + 1}; "
-                      "lower train.lr or inspect the data, then resume with --resume auto", file=sys.stderr, flush=True)
-            metrics.close()
-            return 3
-        if stop:
-            if rank == 0:
-                print(f"preempted: stopped after step {step}; resume with --resume auto", flush=True)
-            break
-    metrics.close()
-    barrier()
-    return 0
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        trainer = start(args)
+    except StartError as e:
+        if str(e) and (not e.only_rank0 or int(os.environ.get("RANK", 0)) == 0):
+            print(e, file=sys.stderr, flush=True)
+        return 2
+    return trainer.run()
 
 
 if __name__ == "__main__":

@@ -111,3 +111,17 @@ def test_help(capsys):
     assert e.value.code == 0
     assert "--gpus-per-node" in capsys.readouterr().out
     assert set(GPU_MEMORY) <= {"h100-80gb", "h100-pcie", "h200", "a100-80gb", "a100-40gb", "l40s"}
+
+
+def test_chunked_loss_and_partial_checkpointing_in_the_activation_estimate():
+    from pipeline.plan import activation_bytes
+
+    cfg = PRESETS["llama-7b"]
+    full = activation_bytes(cfg, 4, 4096, 32, checkpointing=True)
+    chunked = activation_bytes(cfg, 4, 4096, 32, checkpointing=True, loss_chunk_tokens=4096)
+    # 16384 tokens × 32000 × 6 bytes of logits (≈ 2.9 GiB) become one 4096-token chunk at 12 bytes
+    # a value (≈ 1.5 GiB) plus the head's fp32 weight gradient (0.5 GiB).
+    assert full - chunked == pytest.approx(16384 * 32000 * 6 - (4096 * 32000 * 12 + 4 * 32000 * 4096))
+    half = activation_bytes(cfg, 4, 4096, 32, checkpointing=True, checkpoint_every=2)
+    none = activation_bytes(cfg, 4, 4096, 32, checkpointing=False)
+    assert full < half < none
