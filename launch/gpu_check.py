@@ -52,7 +52,9 @@ from pipeline.preflight import run_preflight  # noqa: E402
 
 TITLES = {"a": "demo path on the GPU", "b": "LLaMA-7B layer shape throughput", "c": "llama-1b memory against the plan",
           "d": "llama-7b with optimizer offload"}
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+# The `deepspeed` launcher (its console script calls this main), run by this interpreter: in the
+# GPU venv the script may sit beside the machine's own packages, off PATH.
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 # A slice of the demo corpus: enough tokens for every step (samples repeat by epoch anyway), and
 # data prep done in about a minute instead of several.
 PREP_MAX_BYTES, PREP_TOKENIZER_BYTES = 8_000_000, 4_000_000
@@ -86,7 +88,7 @@ class TrainRun:
         return load_profile(REPO / self.profile, self.gpus, self.overrides, vocab_size)
 
     def command(self, out: Path, resume: str) -> list[str]:
-        cmd = [DEEPSPEED, "--num_gpus", str(self.gpus), "--master_port", str(free_port()), "--module",
+        cmd = [*DEEPSPEED, "--num_gpus", str(self.gpus), "--master_port", str(free_port()), "--module",
                "pipeline.train", "--profile", self.profile, "--out", str(out), "--resume", resume]
         for item in self.overrides:
             cmd += ["--set", item]
