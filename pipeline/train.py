@@ -155,7 +155,9 @@ def main(argv=None) -> int:
         print(f"initialised from {args.init_from}", flush=True)
     train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
     val_shards = manifest.split_shards("validation")
-    val_samples = open_split(manifest, "validation", profile.data.seq_len, profile.data.seed) if val_shards else None
+    # Opened only for a run that evaluates: a validation split shorter than one sample stops no other run.
+    val_samples = (open_split(manifest, "validation", profile.data.seq_len, profile.data.seed)
+                   if val_shards and t.eval_every else None)
 
     start_step = 0
     if load_tag:
