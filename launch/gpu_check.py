@@ -56,8 +56,9 @@ TITLES = {"a": "demo path on the GPU", "b": "LLaMA-7B layer shape throughput", "
 # GPU venv the script may sit beside the machine's own packages, off PATH.
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 # A slice of the demo corpus: enough tokens for every step (samples repeat by epoch anyway), and
-# data prep done in about a minute instead of several.
-PREP_MAX_BYTES, PREP_TOKENIZER_BYTES = 8_000_000, 4_000_000
+# data prep done in about a minute instead of several. A tenth of the documents for validation:
+# the demo's 2 % of a slice can be a single short document, shorter than one sample.
+PREP_MAX_BYTES, PREP_TOKENIZER_BYTES, PREP_VALIDATION = 20_000_000, 4_000_000, 0.1
 DEMO_STEPS = 30  # the resumed run goes on to twice as many
 MEMORY_STEPS, BIG_STEPS = 5, 3
 LAYER_COUNTS, MICRO_BATCHES = (8, 4, 2, 1), (4, 2, 1)
@@ -194,6 +195,7 @@ class Check:
             config = json.loads((REPO / "data_prep/configs/demo.json").read_text())
             config["sources"][0]["max_bytes"] = PREP_MAX_BYTES
             config["tokenizer"]["sample_bytes"] = PREP_TOKENIZER_BYTES
+            config["shards"]["validation_fraction"] = PREP_VALIDATION
             path = self.out / "prep-config.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(config, indent=2))
