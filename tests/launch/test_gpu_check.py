@@ -124,3 +124,33 @@ def test_report_of_passing_steps_says_so(tmp_path):
     assert "dry run" in md and "every step passed or was skipped" in md
     assert "| measured_over_predicted | 1.04 |" in md and "| within_10_percent | true |" in md
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
+
+
+def test_benchmark_figures_give_ours_against_each_peer(tmp_path):
+    from launch.gpu_check import bench_figures
+
+    def row(name, tokens_per_s, mfu):
+        return {"name": name, "step_time_s": 16384 / tokens_per_s, "tokens_per_s": tokens_per_s,
+                "tflops_per_device": 400.0 * mfu / 0.5, "mfu": mfu, "peak_mem_gib": 41.5}
+
+    result = {"device": "NVIDIA H100 80GB HBM3", "sdpa_backend": "flash",
+              "shape": {"dim": 4096, "ffn_dim": 11008, "n_heads": 32, "n_layers": 8, "seq_len": 4096,
+                        "micro_batch_size": 4, "precision": "bf16"},
+              "results": [row("ours", 11000.0, 0.55), row("bare_deepspeed", 10000.0, 0.5),
+                          row("plain_pytorch", 12500.0, 0.625)]}
+    figures = bench_figures(result)
+    assert figures["tokens_per_s_ratio"] == {"ours/bare_deepspeed": 1.1, "ours/plain_pytorch": 0.88}
+    write_report(tmp_path, [StepResult("b", "LLaMA-7B layer shape throughput", "pass", 300.0, figures)], {}, False)
+    md = (tmp_path / "report.md").read_text()
+    for row_text in ("| tokens_per_s_ratio.ours/bare_deepspeed | 1.1 |", "| results.ours.mfu | 0.55 |",
+                     "| results.plain_pytorch.tokens_per_s | 1.25e+04 |", "| shape.n_layers | 8 |",
+                     "| sdpa_backend | flash |"):
+        assert row_text in md, row_text
+
+
+@pytest.mark.parametrize("gpu, most", [("h100-80gb", (8, 4)), ("a100-40gb", (4, 4))])
+def test_the_layer_shape_is_the_largest_the_planner_fits(gpu, most, tmp_path):
+    from launch.gpu_check import Check, layer_shape
+    from pipeline.plan import GPU_MEMORY
+
+    assert layer_shape(Check(tmp_path, 1, gpu, GPU_MEMORY[gpu], None)) == most
