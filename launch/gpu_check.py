@@ -44,6 +44,9 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# This process only plans and reports. Its DeepSpeed (the planner's estimator) stays off the GPU:
+# a CUDA context here would hold memory the measured runs then lack. The commands get "cuda".
+os.environ["DS_ACCELERATOR"] = "cpu"
 
 from launch.gpu_report import StepResult, failed, write_report  # noqa: E402
 from pipeline.config import Profile, ProfileError, load_profile  # noqa: E402
@@ -452,7 +455,8 @@ def probe_torch() -> dict:
     memory would be missing from the measured runs)."""
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
     if proc.returncode:
-        sys.exit(f"error: {sys.executable} cannot import torch: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"error: {sys.executable} cannot import torch ({last})")
     return json.loads(proc.stdout)
 
 
