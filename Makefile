@@ -47,11 +47,13 @@ $(GPU_VENV)/.installed: requirements.txt
 	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 	  > "$$($(GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/machine-packages.pth"
 	grep -v '^torch==' requirements.txt > $(GPU_VENV)/requirements.txt
+	@# A constraint on the machine's own torch: pip fails rather than replace it.
+	$(GPU_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(GPU_VENV)/keep-torch.txt
 ifneq ($(WHEELS),)
 	@# No registry: the directory's wheels only; packages it has no wheel for stay at the machine's version.
-	$(GPU_VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
+	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/keep-torch.txt --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
 else
-	$(GPU_VENV)/bin/pip install --quiet -r $(GPU_VENV)/requirements.txt
+	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/keep-torch.txt -r $(GPU_VENV)/requirements.txt
 endif
 	touch $@
 
