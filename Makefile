@@ -41,7 +41,10 @@ gpu-install: $(GPU_VENV)/.installed
 
 $(GPU_VENV)/.installed: requirements.txt
 	@$(PYTHON) -c "import torch" || { echo "error: $(PYTHON) cannot import torch; make gpu-check uses the machine's own (CUDA) torch: set PYTHON=" >&2; exit 2; }
-	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	@# No pip or setuptools of its own: the machine's pip installs into it (pip --python), and the
+	@# machine's setuptools stays visible (Python <= 3.11 would put an older one in, which torch's
+	@# extension builds and its requirement setuptools>=77 then find instead).
+	$(PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
 	@# --system-site-packages shows the base interpreter's packages only; where PYTHON is itself a
 	@# venv (CUDA images often keep torch in one), a .pth file shows that venv's packages too.
 	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
@@ -51,9 +54,9 @@ $(GPU_VENV)/.installed: requirements.txt
 	$(GPU_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(GPU_VENV)/keep-torch.txt
 ifneq ($(WHEELS),)
 	@# No registry: the directory's wheels only; packages it has no wheel for stay at the machine's version.
-	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/keep-torch.txt --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
+	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
 else
-	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/keep-torch.txt -r $(GPU_VENV)/requirements.txt
+	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt -r $(GPU_VENV)/requirements.txt
 endif
 	touch $@
 
