@@ -10,7 +10,7 @@ comes as binary wheels for the target, with their dependencies, except:
   * what the check never imports (SKIPPED);
   * with --have FILE (`python3 -m pip freeze > FILE` run on the GPU machine): what the target
     already has, kept at its version, unless a wheel here needs a version it lacks.
-The directory should stay small: the GPU lender's transfer limit is about 60 MB.
+Keep the directory small: some GPU machines take files in only up to about 60 MB at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation",
 TARGET_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                   "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
                   "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
-LIMIT_MB = 60
+LIMIT_MB = 60  # what some GPU machines take in at a time
 
 
 def pins() -> dict[str, str]:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     build(args.out, read_have(args.have))
     size = sum(w.stat().st_size for w in args.out.glob("*.whl")) / 1e6
     print(f"{args.out}: {len(list(args.out.glob('*.whl')))} wheels, {size:.1f} MB"
-          + (f" (over the GPU lender's ~{LIMIT_MB} MB: pass --have)" if size > LIMIT_MB else ""))
+          + (f" (over {LIMIT_MB} MB: pass --have)" if size > LIMIT_MB else ""))
     return 0
 
 
