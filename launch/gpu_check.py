@@ -197,6 +197,7 @@ class Check:
         if not manifest.exists():
             config = json.loads((REPO / "data_prep/configs/demo.json").read_text())
             config["sources"][0]["max_bytes"] = PREP_MAX_BYTES
+            config["sources"][0]["paths"] = site_packages()
             config["tokenizer"]["sample_bytes"] = PREP_TOKENIZER_BYTES
             config["shards"]["validation_fraction"] = PREP_VALIDATION
             path = self.out / "prep-config.json"
@@ -206,6 +207,13 @@ class Check:
                              str(self.out / "prep")], PREP_TIMEOUT)
         self.manifest = manifest
         return manifest
+
+
+def site_packages() -> list[str]:
+    """Every site-packages directory this interpreter reads. In .venv-gpu most packages, and with
+    them most of the demo corpus, sit beside the machine's python, not in the venv's own directory
+    (all that data_prep reads by default)."""
+    return sorted({p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()})
 
 
 def tail(stdout: str, stderr: str, chars: int = 3000) -> str:
