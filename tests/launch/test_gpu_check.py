@@ -140,6 +140,7 @@ def test_benchmark_figures_give_ours_against_each_peer(tmp_path):
                           row("plain_pytorch", 12500.0, 0.625)]}
     figures = bench_figures(result)
     assert figures["tokens_per_s_ratio"] == {"ours/bare_deepspeed": 1.1, "ours/plain_pytorch": 0.88}
+    assert figures["ours_mfu_reaches_h100_target"] is True
     write_report(tmp_path, [StepResult("b", "LLaMA-7B layer shape throughput", "pass", 300.0, figures)], {}, False)
     md = (tmp_path / "report.md").read_text()
     for row_text in ("| tokens_per_s_ratio.ours/bare_deepspeed | 1.1 |", "| results.ours.mfu | 0.55 |",
