@@ -124,7 +124,8 @@ def demo_run(manifest: Path | None, gpus: int, steps: int) -> TrainRun:
 
 
 def pipeline_run(manifest: Path | None) -> TrainRun:
-    return TrainRun("ds_configs/tiny_cpu_pipeline.json", (*_data(manifest), "train.precision=bf16", "train.steps=20"), 2)
+    return TrainRun("ds_configs/tiny_cpu_pipeline.json", (*_data(manifest), "train.precision=bf16", "train.steps=20"),
+                    2)
 
 
 def layer_run(manifest: Path | None, layers: int, micro_batch: int) -> TrainRun:
