@@ -1,11 +1,21 @@
 # One command sets up and runs the main job; one command runs the tests.
-#   make demo   virtual environment + install + the whole pipeline on the built-in corpus
-#   make test   the test suite (real DeepSpeed processes on the CPU)
+#   make demo        virtual environment + install + the whole pipeline on the built-in corpus
+#   make test        the test suite (real DeepSpeed processes on the CPU)
+#   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md)
+#   make gpu-wheels  on a machine with a registry: the wheel directory for a GPU machine without one
 PYTHON ?= python3
 VENV   ?= .venv
 OUT    ?= runs/demo
+# make gpu-check: WHEELS=DIR installs from that directory only (no registry); GPU_ARGS are passed
+# to launch/gpu_check.py, e.g. GPU_ARGS="--steps a,c" or GPU_ARGS=--dry-run.
+GPU_VENV ?= .venv-gpu
+GPU_OUT  ?= runs/gpu-check
+GPU_ARGS ?=
+WHEELS   ?=
+# make gpu-wheels: HAVE=FILE is `python3 -m pip freeze` of the GPU machine (what it need not be sent).
+HAVE     ?=
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo gpu-check gpu-install gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -24,3 +34,34 @@ test: install
 
 clean-demo:
 	rm -rf $(OUT)
+
+# The GPU check runs on the machine's own CUDA build of torch and never replaces it: a venv that
+# sees the machine's packages, with everything of requirements.txt but torch installed into it.
+gpu-install: $(GPU_VENV)/.installed
+
+$(GPU_VENV)/.installed: requirements.txt
+	@$(PYTHON) -c "import torch" || { echo "error: $(PYTHON) cannot import torch; make gpu-check uses the machine's own (CUDA) torch: set PYTHON=" >&2; exit 2; }
+	@# No pip or setuptools of its own: the machine's pip installs into it (pip --python), and the
+	@# machine's setuptools stays visible (Python <= 3.11 would put an older one in, which torch's
+	@# extension builds and its requirement setuptools>=77 then find instead).
+	$(PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
+	@# --system-site-packages shows the base interpreter's packages only; where PYTHON is itself a
+	@# venv (CUDA images often keep torch in one), a .pth file shows that venv's packages too.
+	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/machine-packages.pth"
+	grep -v '^torch==' requirements.txt > $(GPU_VENV)/requirements.txt
+	@# A constraint on the machine's own torch: pip fails rather than replace it.
+	$(GPU_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(GPU_VENV)/keep-torch.txt
+ifneq ($(WHEELS),)
+	@# No registry: the directory's wheels only; packages it has no wheel for stay at the machine's version.
+	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
+else
+	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt -r $(GPU_VENV)/requirements.txt
+endif
+	touch $@
+
+gpu-check: gpu-install
+	PATH="$(abspath $(GPU_VENV))/bin:$$PATH" $(GPU_VENV)/bin/python launch/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
+
+gpu-wheels: install
+	$(VENV)/bin/python launch/gpu_wheels.py --out $(or $(WHEELS),gpu-wheels) $(if $(HAVE),--have $(HAVE))

@@ -8,6 +8,7 @@ ZeRO-3 (`topology.engine == "zero3"`), one pair of files per data-parallel rank 
                                                 optimizer group, global_steps, dp_world_size, ...
     zero_pp_rank_R_mp_rank_00_optim_states.pt   optimizer_state_dict.fp32_flat_groups: one flat
                                                 fp32 tensor per group, rank R's partitions
+                                                (named bf16_zero_pp_rank_R_... after bf16 training)
 
     Parameters are laid out in `param_shapes` order across the concatenated groups; parameter p
     of n elements owns ceil(n / W) elements of every rank's flat vector (DeepSpeed pads the last
@@ -105,7 +106,8 @@ class Zero3Reader:
     """The fp32 master weights of a ZeRO-3 checkpoint, merged from any number of ranks."""
 
     MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
-    OPTIM = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+    # bf16 runs prefix the optimizer files with "bf16_" (DeepSpeedEngine._get_zero_ckpt_prefix).
+    OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
     def __init__(self, tag_dir: Path, cfg: ModelConfig):
         self.tag_dir = tag_dir

@@ -173,8 +173,9 @@ class Trainer:
         self.rank, self.world = distributed.rank(), world_size()
         t = profile.train
         self.train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
+        # Opened only for a run that evaluates: a validation split shorter than one sample stops no other run.
         self.val_samples = (open_split(manifest, "validation", profile.data.seq_len, profile.data.seed)
-                            if manifest.split_shards("validation") else None)
+                            if manifest.split_shards("validation") and t.eval_every else None)
         self.flops_per_token = flops_per_token(profile.model, profile.data.seq_len)
         self.device_kind, self.peak_flops = detect_peak_flops()
         self.metrics = MetricsWriter(out, enabled=self.rank == 0)

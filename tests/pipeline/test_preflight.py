@@ -77,6 +77,16 @@ def test_batch_arithmetic(prep, tmp_path):
     assert len(failures) == 1 and "train.global_batch_size" in failures[0] and "micro_batch_size 8" in failures[0]
 
 
+def test_validation_split_must_hold_a_sample_when_the_run_evaluates(prep, tmp_path):
+    manifest = prep / "shards" / "manifest.json"
+    tokens = json.loads(manifest.read_text())["splits"]["validation"]["tokens"]
+    longer = [f"model.max_seq_len={tokens}", f"data.seq_len={tokens}"]
+    lines = run_preflight(_raw(*longer, "train.eval_every=50"), manifest, tmp_path / "run", 2)
+    assert lines == [f"data: {manifest}: the validation split holds {tokens} tokens, fewer than one sample of "
+                     f"data.seq_len={tokens}; prepare more validation data or set train.eval_every=0"]
+    assert run_preflight(_raw(*longer, "train.eval_every=0"), manifest, tmp_path / "run", 2) == []
+
+
 def test_tokenizer_vocabulary_must_match_the_manifest(prep, tmp_path):
     manifest = prep / "shards" / "manifest.json"
     m = json.loads(manifest.read_text())
