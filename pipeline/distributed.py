@@ -27,7 +27,11 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    on_cpu = get_accelerator().device_name() == "cpu"
+    accelerator = get_accelerator()
+    # Before any collective: a CUDA process's current device is 0 until set, and DeepSpeed's
+    # init_distributed sets none (its engine does, too late for the collectives before it).
+    accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    on_cpu = accelerator.device_name() == "cpu"
     # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     if on_cpu:

@@ -87,7 +87,33 @@ def _broadcast(rank: int):
     return broadcast_values([7.0, float(rank)] if rank == 0 else [0.0, 0.0], src=0)
 
 
-CALLS = {"mean_and_any": _mean_and_any, "init_from_flag": _init_from_flag, "broadcast": _broadcast}
+def _device_after_init(rank: int):
+    """CUDA's rule, which the CPU accelerator does not have: a process's current device is 0 until
+    it sets one. DeepSpeed's init_distributed sets none (its engine does, later), so the
+    collectives before the engine exists (run id barrier, resume, --init-from broadcast) would
+    put every rank of a node on GPU 0, which NCCL refuses ("Duplicate GPU detected")."""
+    import deepspeed.accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from pipeline.distributed import init_distributed
+
+    class CurrentDeviceZeroUntilSet(CPU_Accelerator):
+        def __init__(self):
+            super().__init__()
+            self._current = 0
+
+        def set_device(self, index):
+            self._current = int(index)
+
+        def current_device(self):
+            return self._current
+
+    deepspeed.accelerator.set_accelerator(CurrentDeviceZeroUntilSet())
+    init_distributed()  # the process group exists already, so DeepSpeed only adopts it
+    return deepspeed.accelerator.get_accelerator().current_device()
+
+
+CALLS = {"device_after_init": _device_after_init, "mean_and_any": _mean_and_any, "init_from_flag": _init_from_flag, "broadcast": _broadcast}
 
 
 def run_ranks(call: str) -> dict:
@@ -111,6 +137,10 @@ def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator():
 def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator():
     out = run_ranks("init_from_flag")
     assert out == {0: "ok", 1: "ok"}, out
+
+
+def test_each_rank_uses_its_own_device_before_the_engine_exists():
+    assert run_ranks("device_after_init") == {0: 0, 1: 1}
 
 
 def test_broadcast_values_reach_every_rank():
