@@ -330,7 +330,7 @@ def _zero_stage(engine: str, stage: Any, source: str) -> int:
     if engine == "pipeline" and stage not in (0, 1):
         raise _error(source, field, "topology.engine 'pipeline' allows ZeRO stage 0 or 1 only: DeepSpeed refuses "
                      "ZeRO-2/3 with pipeline parallelism (deepspeed/runtime/pipe/engine.py); for ZeRO-2/3 use "
-                     "topology.engine 'zero'", stage)
+                     "topology.engine 'zero' (or 'zero3')", stage)
     if engine == "zero3" and stage != 3:
         raise _error(source, field, "topology.engine 'zero3' needs 3; for ZeRO-1 or ZeRO-2 use topology.engine "
                      "'zero'", stage)
