@@ -1,7 +1,8 @@
 """Read the model weights out of DeepSpeed checkpoints, one layer at a time, without DeepSpeed.
 
 Three layouts: the data-parallel engine's at ZeRO stage 3 and at stage 1 or 2, and the
-pipeline engine's (see `pipeline/train.py` for the directory around them).
+pipeline engine's (see `pipeline/train.py` for the directory around them). Optimizer files of
+bf16 runs are named `bf16_zero_pp_rank_...` instead of `zero_pp_rank_...`.
 
 ZeRO-3 (`topology.engine` "zero3", or "zero" at stage 3), one pair of files per data-parallel
 rank R of W:
@@ -127,7 +128,8 @@ class _ZeroReader:
     per data-parallel rank holding its part of the fp32 master weights, and model-state files
     naming every parameter and shape in the order the flat vectors hold them."""
 
-    OPTIM = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+    # bf16 runs prefix the optimizer files with "bf16_" (DeepSpeedEngine._get_zero_ckpt_prefix).
+    OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
     STAGES = ""  # for messages, e.g. "3" or "1/2"
     MODEL_PER_RANK = True  # one model-state file per rank, or rank 0's only
     FLAT_KEY = ""  # where in the optimizer state this rank's fp32 weights are

@@ -109,6 +109,19 @@ def test_zero_readers_match_deepspeed_zero_to_fp32(stage, zero3_run, zero2_run):
             assert torch.equal(ours[k], module[k]), k
 
 
+def test_bf16_runs_optimizer_files_are_found(zero3_run, zero2_run, tmp_path):
+    """bf16 runs name their optimizer files bf16_zero_pp_rank_R_mp_rank_00_optim_states.pt
+    (DeepSpeedEngine._get_zero_ckpt_prefix); their content is laid out as in fp32 runs. A bf16
+    run on the CPU costs minutes, so a fp32 run's files are renamed as DeepSpeed names them."""
+    for run in (zero3_run, zero2_run):
+        copy = copy_run(run, tmp_path / run.parent.name)
+        for f in z3(copy).glob("zero_pp_rank_*_optim_states.pt"):
+            f.rename(f.with_name("bf16_" + f.name))
+        got, want = read_checkpoint(z3(copy)), read_checkpoint(z3(run))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        export(copy, tmp_path / f"hf-{run.parent.name}")
+
+
 def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
     """bench/export_memory.py's synthetic ZeRO-3 files: same structure as a real run's, and
     DeepSpeed's own zero_to_fp32 and our reader both recover exactly the weights written."""
