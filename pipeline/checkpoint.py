@@ -67,8 +67,8 @@ class CheckpointError(RuntimeError):
 
 def _deepspeed_globals() -> list:
     """The only non-tensor objects DeepSpeed pickles into the files this trainer writes (listed
-    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-3, pipeline + ZeRO-1 and
-    universal checkpoints); everything else in them is tensors and plain containers."""
+    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2, ZeRO-3, pipeline + ZeRO-1
+    and universal checkpoints); everything else in them is tensors and plain containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

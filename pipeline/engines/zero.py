@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+
 import deepspeed
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from pipeline.config import Profile
 from pipeline import distributed
@@ -77,16 +80,19 @@ def _build_model(profile: Profile, init_state: dict[str, torch.Tensor] | None) -
     weights go in parameter by parameter before deepspeed.initialize, which copies the partitions
     into the optimizer's fp32 master weights.
 
-    Stages 1 and 2: every rank holds the whole model. Rank 0 copies its weights in; the other ranks
-    get them from deepspeed.initialize, which broadcasts every parameter from rank 0 for a model not
-    built under zero.Init (DeepSpeedEngine._broadcast_model, on the engine's device) before the
+    Stages 1 and 2: every rank holds the whole model, built on its local rank's device as
+    zero.Init builds it (so both draw the initial weights from the same generator, and no rank
+    holds an fp32 copy in host memory; the device is named, as nothing has made it current yet). Rank 0 copies its weights in; the other ranks get them
+    from deepspeed.initialize, which broadcasts every parameter from rank 0 for a model not built
+    under zero.Init (DeepSpeedEngine._broadcast_model, on the engine's device) before the
     optimizer copies them into its fp32 partitions."""
     if profile.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
             model = Transformer(profile.model, seed=profile.train.seed)
         _load_partitioned(model, init_state)  # a no-op (one broadcast) without --init-from
         return model
-    model = Transformer(profile.model, seed=profile.train.seed)
+    with torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))):
+        model = Transformer(profile.model, seed=profile.train.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
     return model
