@@ -4,7 +4,7 @@ a `meta.json` per tag, pruning, and resuming on a different number of ranks.
 Layout under RUN/checkpoints/:
     latest                  the newest *complete* tag, replaced atomically
     run_id                  made at the first start, kept across resumes, stamped into every rank's files
-    global_stepN/           DeepSpeed's files (ZeRO-3 partitions or pipeline layer files)
+    global_stepN/           DeepSpeed's files (ZeRO partitions or pipeline layer files)
         profile.json        the fully resolved profile (the export reads the model shape here)
         meta.json           step, consumed samples and the topology that wrote it
     global_stepN_universal/ made on demand when resuming on another topology
@@ -67,8 +67,8 @@ class CheckpointError(RuntimeError):
 
 def _deepspeed_globals() -> list:
     """The only non-tensor objects DeepSpeed pickles into the files this trainer writes (listed
-    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-3, pipeline + ZeRO-1 and
-    universal checkpoints); everything else in them is tensors and plain containers."""
+    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2, ZeRO-3, pipeline + ZeRO-1
+    and universal checkpoints); everything else in them is tensors and plain containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

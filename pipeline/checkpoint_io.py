@@ -1,8 +1,11 @@
 """Read the model weights out of DeepSpeed checkpoints, one layer at a time, without DeepSpeed.
 
-Two layouts, one per engine (see `pipeline/train.py` for the directory around them):
+Three layouts: the data-parallel engine's at ZeRO stage 3 and at stage 1 or 2, and the
+pipeline engine's (see `pipeline/train.py` for the directory around them). Optimizer files of
+bf16 runs are named `bf16_zero_pp_rank_...` instead of `zero_pp_rank_...`.
 
-ZeRO-3 (`topology.engine == "zero3"`), one pair of files per data-parallel rank R of W:
+ZeRO-3 (`topology.engine` "zero3", or "zero" at stage 3), one pair of files per data-parallel
+rank R of W:
 
     zero_pp_rank_R_mp_rank_00_model_states.pt   param_shapes: [OrderedDict(name → Size)] per
                                                 optimizer group, global_steps, dp_world_size, ...
@@ -15,17 +18,27 @@ ZeRO-3 (`topology.engine == "zero3"`), one pair of files per data-parallel rank 
     rank), so its full value is the concatenation over ranks of the same slice, cut to n
     (deepspeed/utils/zero_to_fp32.py, `_zero3_merge_trainable_params`, is the reference).
 
+ZeRO-1/2 (`topology.engine` "zero" at stage 1 or 2):
+
+    mp_rank_00_model_states.pt                  rank 0 only: param_shapes, global_steps, ... (and
+                                                the 16-bit weights, which the export does not use)
+    zero_pp_rank_R_mp_rank_00_optim_states.pt   optimizer_state_dict.single_partition_of_fp32_groups:
+                                                rank R's 1/W of each group's flat fp32 vector
+
+    Each group's vector is the concatenation over ranks; parameter p is the slice at its offset
+    in `param_shapes` order, parameters separated by `param_alignment_paddings` (`Zero12Reader`).
+
 Pipeline (`topology.engine == "pipeline"`, `PipelineModule.save_state_dict`):
 
     layer_{idx:02d}-model_states.pt   idx 0: embedding, 1..L: block idx-1, L+1: final norm + head
                                       (deepspeed/runtime/pipe/module.py, `ckpt_layer_path`)
 
 Files are opened with `torch.load(weights_only=True, mmap=True)`. The only non-tensor objects
-in them are two DeepSpeed classes in the optimizer files (`ZeroStageEnum`, `LossScaler`); they
-are mapped to an inert stand-in, so nothing from the file is executed and DeepSpeed need not be
-installed. A rank's optimizer file is re-opened for every layer and closed after it, so the
-pages of the memory map touched for one layer are released before the next: peak memory stays
-near one layer, whatever the model size.
+in them are a few DeepSpeed classes in the optimizer files (`ZeroStageEnum`, the loss scaler,
+ZeRO-1/2's `fragment_address`); they are mapped to an inert stand-in, so nothing from the file
+is executed and DeepSpeed need not be installed. A rank's optimizer file is re-opened for every
+layer and closed after it, so the pages of the memory map touched for one layer are released
+before the next: peak memory stays near one layer, whatever the model size.
 """
 
 from __future__ import annotations
@@ -59,6 +72,8 @@ class _Opaque:
 _DEEPSPEED_GLOBALS = [
     (_Opaque, "deepspeed.runtime.zero.config.ZeroStageEnum"),
     (_Opaque, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),  # fp16 runs
+    (_Opaque, "deepspeed.utils.tensor_fragment.fragment_address"),  # ZeRO-1/2's param_slice_mappings
 ]
 
 
@@ -93,53 +108,56 @@ def _tag_step(tag_dir: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-@dataclass
-class _Slot:
-    """Where one parameter lives in every rank's concatenated flat fp32 vector."""
+def _copy_range(pieces: list[torch.Tensor], start: int, out: torch.Tensor) -> None:
+    """Fill `out` with elements start .. start + len(out) of the concatenation of `pieces`, without
+    concatenating them (a parameter may straddle two flat groups or two ranks' partitions)."""
+    dst, need = 0, out.numel()
+    for piece in pieces:
+        if start >= piece.numel():
+            start -= piece.numel()
+            continue
+        take = min(need, piece.numel() - start)
+        out[dst:dst + take].copy_(piece[start:start + take])
+        dst, need, start = dst + take, need - take, 0
+        if not need:
+            return
+    raise CheckpointError(f"the flat fp32 groups end {need} elements short of a parameter; files from different runs?")
 
-    shape: torch.Size
-    offset: int
-    part: int  # elements per rank, ceil(numel / world)
 
+class _ZeroReader:
+    """What the readers of the ZeRO data-parallel engine's checkpoints share: one optimizer file
+    per data-parallel rank holding its part of the fp32 master weights, and model-state files
+    naming every parameter and shape in the order the flat vectors hold them."""
 
-class Zero3Reader:
-    """The fp32 master weights of a ZeRO-3 checkpoint, merged from any number of ranks."""
-
-    MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
     # bf16 runs prefix the optimizer files with "bf16_" (DeepSpeedEngine._get_zero_ckpt_prefix).
     OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+    STAGES = ""  # for messages, e.g. "3" or "1/2"
+    MODEL_PER_RANK = True  # one model-state file per rank, or rank 0's only
+    FLAT_KEY = ""  # where in the optimizer state this rank's fp32 weights are
 
-    def __init__(self, tag_dir: Path, cfg: ModelConfig):
-        self.tag_dir = tag_dir
-        model_files, optim_files = self._rank_files(self.MODEL), self._rank_files(self.OPTIM)
-        if not model_files:
-            raise CheckpointError(f"{tag_dir}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+    def _read_model_states(self, model_files: list[Path], cfg: ModelConfig) -> list[dict]:
+        """param_shapes (one name → shape dict per optimizer group) after every consistency check;
+        sets world, step and optim_files."""
         states = [load_file(f) for f in model_files]
         if "param_shapes" not in states[0]:
-            raise CheckpointError(f"{model_files[0]}: no param_shapes; not a ZeRO stage 3 checkpoint")
+            raise CheckpointError(f"{model_files[0]}: no param_shapes; not a ZeRO stage {self.STAGES} checkpoint")
         self.world = self._agree(states, "dp_world_size", model_files)
-        for kind, files in (("model-state", model_files), ("optimizer", optim_files)):
-            self._check_ranks(kind, files)
+        if self.MODEL_PER_RANK:
+            self._check_ranks("model-state", model_files)
+        self.optim_files = self._rank_files(self.OPTIM)
+        self._check_ranks("optimizer", self.optim_files)
         for key in ("global_steps", "global_samples", "ds_version", "param_shapes", "ds_config", "run_id"):
             self._agree(states, key, model_files)
-        step = states[0].get("global_steps")
-        if _tag_step(tag_dir) not in (None, step):
-            raise CheckpointError(f"{model_files[0]}: saved at step {step} but lies in {tag_dir.name}; "
+        self.step = states[0].get("global_steps")
+        if _tag_step(self.tag_dir) not in (None, self.step):
+            raise CheckpointError(f"{model_files[0]}: saved at step {self.step} but lies in {self.tag_dir.name}; "
                                   "files from different runs or steps")
         if states[0].get("frozen_param_shapes"):
             raise CheckpointError(f"{model_files[0]}: frozen parameters are not supported")
-        shapes = {n: s for group in states[0]["param_shapes"] for n, s in group.items()}
-        _check_names(str(model_files[0]), shapes, model_shapes(cfg))
-        self.step = step
-        self.optim_files = optim_files
-        self.slots: dict[str, _Slot] = {}
-        offset = 0
-        for name, shape in shapes.items():
-            part = math.ceil(shape.numel() / self.world)
-            self.slots[name] = _Slot(shape, offset, part)
-            offset += part
-        self._check_optim(offset)
+        groups = states[0]["param_shapes"]
+        _check_names(str(model_files[0]), {n: s for g in groups for n, s in g.items()}, model_shapes(cfg))
         self.order = list(model_shapes(cfg))
+        return groups
 
     def _rank_files(self, pattern: re.Pattern) -> list[Path]:
         found = {}
@@ -167,43 +185,116 @@ class Zero3Reader:
                 raise CheckpointError(f"{f}: {key} differs from {files[0].name}'s; files from different runs or steps")
         return first
 
-    def _check_optim(self, per_rank: int) -> None:
+    def _optim_states(self) -> list[dict]:
+        """Every rank's optimizer state (memory-mapped), its flat groups and partition count checked."""
+        out = []
         for f in self.optim_files:
             opt = load_file(f).get("optimizer_state_dict", {})
-            groups = opt.get("fp32_flat_groups")
-            if groups is None:
-                raise CheckpointError(f"{f}: no fp32_flat_groups; not a ZeRO stage 3 optimizer file")
-            if opt.get("partition_count") != self.world:
-                raise CheckpointError(f"{f}: partitioned {opt.get('partition_count')} ways, but the model states say "
+            if opt.get(self.FLAT_KEY) is None:
+                raise CheckpointError(f"{f}: no {self.FLAT_KEY}; not a ZeRO stage {self.STAGES} optimizer file")
+            counts = opt.get("partition_count")  # one per group below stage 3
+            if any(c != self.world for c in (counts if isinstance(counts, list) else [counts])):
+                raise CheckpointError(f"{f}: partitioned {counts} ways, but the model states say "
                                       f"{self.world} ranks; files from different runs?")
-            have = sum(g.numel() for g in groups)
-            if have != per_rank:
-                raise CheckpointError(f"{f}: holds {have} fp32 elements but the parameter shapes need {per_rank} "
-                                      "per rank; files from different runs?")
+            out.append(opt)
+        return out
 
-    def _gather(self, flats: list[list[torch.Tensor]], slot: _Slot) -> torch.Tensor:
-        numel = slot.shape.numel()
-        out = torch.empty(slot.part * self.world, dtype=torch.float32)
-        for r, groups in enumerate(flats):
-            dst, start, need = r * slot.part, slot.offset, slot.part
-            for g in groups:  # a parameter may straddle two flat groups
-                if start >= g.numel():
-                    start -= g.numel()
-                    continue
-                take = min(need, g.numel() - start)
-                out[dst:dst + take].copy_(g[start:start + take])
-                dst, need, start = dst + take, need - take, 0
-                if not need:
-                    break
-        return out[:numel].view(slot.shape)
+    def _gather(self, flats: list[list[torch.Tensor]], name: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(our name, fp32 tensor) in model order; each yielded tensor owns its memory."""
         for unit in layer_units(self.order):
-            flats = [load_file(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in self.optim_files]
-            gathered = [(name, self._gather(flats, self.slots[name])) for name in unit]
+            flats = [load_file(f)["optimizer_state_dict"][self.FLAT_KEY] for f in self.optim_files]
+            gathered = [(name, self._gather(flats, name)) for name in unit]
             del flats  # drop the memory maps before the consumer works on this layer
             yield from gathered
+
+
+@dataclass
+class _Slot:
+    """Where one parameter lives in every rank's concatenated flat fp32 vector."""
+
+    shape: torch.Size
+    offset: int
+    part: int  # elements per rank, ceil(numel / world)
+
+
+class Zero3Reader(_ZeroReader):
+    """The fp32 master weights of a ZeRO-3 checkpoint, merged from any number of ranks."""
+
+    MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+    STAGES = "3"
+    FLAT_KEY = "fp32_flat_groups"
+
+    def __init__(self, tag_dir: Path, cfg: ModelConfig):
+        self.tag_dir = tag_dir
+        model_files = self._rank_files(self.MODEL)
+        if not model_files:
+            raise CheckpointError(f"{tag_dir}: no ZeRO-3 model-state files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+        groups = self._read_model_states(model_files, cfg)
+        self.slots: dict[str, _Slot] = {}
+        offset = 0
+        for name, shape in ((n, s) for g in groups for n, s in g.items()):
+            part = math.ceil(shape.numel() / self.world)
+            self.slots[name] = _Slot(shape, offset, part)
+            offset += part
+        for f, opt in zip(self.optim_files, self._optim_states()):
+            have = sum(g.numel() for g in opt[self.FLAT_KEY])
+            if have != offset:
+                raise CheckpointError(f"{f}: holds {have} fp32 elements but the parameter shapes need {offset} "
+                                      "per rank; files from different runs?")
+
+    def _gather(self, flats: list[list[torch.Tensor]], name: str) -> torch.Tensor:
+        slot = self.slots[name]
+        out = torch.empty(slot.part * self.world, dtype=torch.float32)
+        for r, groups in enumerate(flats):
+            _copy_range(groups, slot.offset, out[r * slot.part:(r + 1) * slot.part])
+        return out[:slot.shape.numel()].view(slot.shape)
+
+
+class Zero12Reader(_ZeroReader):
+    """The fp32 master weights of a ZeRO stage 1 or 2 checkpoint, merged from any number of ranks.
+
+    DeepSpeed flattens each optimizer group's parameters in `param_shapes` order into one vector,
+    each parameter followed by its alignment padding (`param_alignment_paddings`), and cuts it into
+    W equal partitions; rank R's file holds partition R (`single_partition_of_fp32_groups`, the
+    trailing padding removed). So a group's vector is the concatenation over ranks, and parameter
+    p is the slice at its offset (deepspeed/utils/zero_to_fp32.py, `_zero2_merge_trainable_params`,
+    is the reference). The single model-state file, written by rank 0, names the parameters."""
+
+    MODEL_FILE = "mp_rank_00_model_states.pt"
+    STAGES = "1/2"
+    MODEL_PER_RANK = False
+    FLAT_KEY = "single_partition_of_fp32_groups"
+
+    def __init__(self, tag_dir: Path, cfg: ModelConfig):
+        self.tag_dir = tag_dir
+        model_file = tag_dir / self.MODEL_FILE
+        if not model_file.exists():
+            raise CheckpointError(f"{tag_dir}: no ZeRO-1/2 model-state file ({self.MODEL_FILE})")
+        groups = self._read_model_states([model_file], cfg)
+        opts = self._optim_states()
+        paddings = self._agree(opts, "param_alignment_paddings", self.optim_files) or [[0] * len(g) for g in groups]
+        if len(paddings) != len(groups) or len(opts[0][self.FLAT_KEY]) != len(groups):
+            raise CheckpointError(f"{self.optim_files[0]}: {len(opts[0][self.FLAT_KEY])} flat groups but "
+                                  f"{model_file.name} names {len(groups)}; files from different runs?")
+        self.slots: dict[str, tuple[int, int, torch.Size]] = {}  # name → (group, offset, shape)
+        for g, (shapes, pads) in enumerate(zip(groups, paddings)):
+            offset = 0
+            for (name, shape), pad in zip(shapes.items(), pads):
+                self.slots[name] = (g, offset, shape)
+                offset += shape.numel() + pad
+            have = sum(opt[self.FLAT_KEY][g].numel() for opt in opts)
+            if have != offset:
+                raise CheckpointError(f"{tag_dir}: optimizer group {g} holds {have} fp32 elements over the "
+                                      f"{self.world} ranks but its parameters need {offset}; files from different runs?")
+
+    def _gather(self, flats: list[list[torch.Tensor]], name: str) -> torch.Tensor:
+        g, offset, shape = self.slots[name]
+        out = torch.empty(shape.numel(), dtype=torch.float32)
+        _copy_range([groups[g] for groups in flats], offset, out)
+        return out.view(shape)
 
 
 class PipelineReader:
@@ -266,9 +357,12 @@ class PipelineReader:
             del state
 
 
-def open_checkpoint(tag_dir: Path, engine: str, cfg: ModelConfig) -> Zero3Reader | PipelineReader:
-    if engine == "zero3":
-        return Zero3Reader(tag_dir, cfg)
+def open_checkpoint(tag_dir: Path, engine: str, cfg: ModelConfig,
+                    zero_stage: int = 3) -> Zero3Reader | Zero12Reader | PipelineReader:
+    """The reader for a checkpoint of `engine` (profile.json's topology.engine) at `zero_stage`
+    (its deepspeed.zero_optimization.stage; the pipeline engine's ZeRO-1 leaves the layer files whole)."""
+    if engine in ("zero", "zero3"):
+        return Zero3Reader(tag_dir, cfg) if zero_stage == 3 else Zero12Reader(tag_dir, cfg)
     if engine == "pipeline":
         return PipelineReader(tag_dir, cfg)
     raise CheckpointError(f"{tag_dir}/profile.json: unknown engine {engine!r}")

@@ -5,8 +5,10 @@ A profile has five sections:
     model      which preset, and any field of `ModelConfig` to override
     data       where the token-shard manifest is, sequence length, mixture weights
     train      optimisation, batch sizes, schedule, checkpoint and logging cadence
-    topology   which engine: "zero3" (data parallel, ZeRO stage 3) or "pipeline"
-               (DeepSpeed PipelineModule + ZeRO stage 1)
+    topology   which engine: "zero" (data parallel; the ZeRO stage 1, 2 or 3 is
+               deepspeed.zero_optimization.stage), "zero3" (the same, stage 3 only: the name
+               older profiles and checkpoints carry) or "pipeline" (DeepSpeed PipelineModule +
+               ZeRO stage 1)
     deepspeed  a verbatim DeepSpeed config; values the trainer derives may be "auto"
 
 `load_profile()` returns a `Profile` whose DeepSpeed section has every "auto" filled in and
@@ -135,15 +137,20 @@ class TrainSection(_Section):
 
 
 class TopologySection(_Section):
-    engine: Literal["zero3", "pipeline"] = "zero3"
+    engine: Literal["zero", "zero3", "pipeline"] = "zero3"
     pipeline_stages: int = Field(1, gt=0)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether this is the ZeRO data-parallel engine ("zero", or "zero3" by its older name)."""
+        return self.engine != "pipeline"
 
     @model_validator(mode="after")
     def _stages_match_engine(self) -> "TopologySection":
-        if self.engine == "zero3" and self.pipeline_stages != 1:
+        if self.data_parallel and self.pipeline_stages != 1:
             raise ValueError(
                 "pipeline_stages: more than one stage needs engine 'pipeline' "
-                f"(DeepSpeed cannot combine ZeRO-3 with pipeline parallelism) (got {self.pipeline_stages})"
+                f"(engine {self.engine!r} is data parallel only) (got {self.pipeline_stages})"
             )
         return self
 
@@ -181,6 +188,10 @@ class Profile(BaseModel):
     @property
     def topology(self) -> TopologySection:
         return self.raw.topology
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed["zero_optimization"]["stage"]
 
     @property
     def tokens_per_step(self) -> int:
@@ -307,6 +318,56 @@ def _check_zero_section(zero: dict, source: str) -> None:
         raise _error(source, f"deepspeed.zero_optimization.{loc}", what, first.get("input")) from None
 
 
+# Keys DeepSpeed reads only at ZeRO stage 3 (weights partitioned), with the value that leaves them off.
+STAGE3_ONLY = {"offload_param": None, "zero_hpz_partition_size": 1}
+
+
+def _zero_stage(engine: str, stage: Any, source: str) -> int:
+    """The ZeRO stage the engine runs: "auto" is 3 for the data-parallel engine, 1 for the pipeline."""
+    field = "deepspeed.zero_optimization.stage"
+    if stage == "auto":
+        return 1 if engine == "pipeline" else 3
+    if engine == "pipeline" and stage not in (0, 1):
+        raise _error(source, field, "topology.engine 'pipeline' allows ZeRO stage 0 or 1 only: DeepSpeed refuses "
+                     "ZeRO-2/3 with pipeline parallelism (deepspeed/runtime/pipe/engine.py); for ZeRO-2/3 use "
+                     "topology.engine 'zero' (or 'zero3')", stage)
+    if engine == "zero3" and stage != 3:
+        raise _error(source, field, "topology.engine 'zero3' needs 3; for ZeRO-1 or ZeRO-2 use topology.engine "
+                     "'zero'", stage)
+    if engine == "zero" and stage not in (1, 2, 3):
+        raise _error(source, field, "topology.engine 'zero' needs 1, 2, 3 or \"auto\" (3)", stage)
+    return stage
+
+
+def _fill_zero_buckets(zero: dict, h: int, source: str) -> None:
+    """DeepSpeed's own "auto" rules (as its Hugging Face integration applies them), from the hidden
+    size h: the reduce bucket at every stage, the prefetch bucket and persistence threshold at
+    stage 3 only (where they also replace DeepSpeed's defaults when absent). These are tunables,
+    not identities: a number given in the profile wins. Below stage 3 a stage-3 key left "auto"
+    is dropped (nothing to derive); one given a value contradicts the stage and is refused, as
+    DeepSpeed would silently ignore it."""
+    stage = zero["stage"]
+    if stage == 3:
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+        return
+    if zero.get("reduce_bucket_size") == "auto":
+        zero["reduce_bucket_size"] = h * h
+    for key in [k for k in zero if k.startswith("stage3_")]:
+        if zero[key] == "auto":
+            del zero[key]
+        else:
+            raise _error(source, f"deepspeed.zero_optimization.{key}", f"applies to ZeRO stage 3 only, but the "
+                         f"stage is {stage}; remove it", zero[key])
+    for key, off in STAGE3_ONLY.items():
+        value = zero.get(key, off)
+        if value != off and not (isinstance(value, dict) and value.get("device", "none") == "none"):
+            raise _error(source, f"deepspeed.zero_optimization.{key}", f"applies to ZeRO stage 3 only (it "
+                         f"partitions or offloads the weights), but the stage is {stage}; remove it", value)
+
+
 def _check_shape(m: ModelSection, source: str) -> None:
     """The attention shape, with the preset's values where the profile gives none."""
     base = PRESETS[m.preset]
@@ -371,23 +432,8 @@ def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | No
         section = ds.setdefault(key, {})
         _fill(section, "enabled", on, source, f"{key}.")
     zero = ds.setdefault("zero_optimization", {})
-    stage = zero.get("stage", "auto")
-    if stage == "auto":
-        zero["stage"] = 3 if topo.engine == "zero3" else 1
-    elif topo.engine == "pipeline" and stage not in (0, 1):
-        raise _error(source, "deepspeed.zero_optimization.stage", "topology.engine 'pipeline' allows ZeRO stage 0 "
-                     "or 1 only: DeepSpeed refuses ZeRO-2/3 with pipeline parallelism (deepspeed/runtime/pipe/"
-                     "engine.py); for ZeRO-3 use topology.engine 'zero3'", stage)
-    elif topo.engine == "zero3" and stage != 3:
-        raise _error(source, "deepspeed.zero_optimization.stage", "topology.engine 'zero3' needs 3", stage)
-    if zero["stage"] == 3:
-        # DeepSpeed's own "auto" rules (as its Hugging Face integration applies them), from the hidden size.
-        # These are tunables, not identities: a number given in the profile wins.
-        h = model.dim
-        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                           ("stage3_param_persistence_threshold", 10 * h)):
-            if zero.get(key, "auto") == "auto":
-                zero[key] = value
+    zero["stage"] = _zero_stage(topo.engine, zero.get("stage", "auto"), source)
+    _fill_zero_buckets(zero, model.dim, source)
     hpz = zero.get("zero_hpz_partition_size", 1)
     if isinstance(hpz, int) and hpz > 1 and world_size % hpz:
         # ZeRO++ hpZ keeps a secondary copy of the weights partitioned over `hpz` ranks (one node).

@@ -99,7 +99,8 @@ class Source:
         self.profile = read_run_profile(self.dir)
         self.cfg = model_config_from_profile(self.profile)
         try:
-            self.reader = open_checkpoint(self.dir, self.profile["topology"]["engine"], self.cfg)
+            self.reader = open_checkpoint(self.dir, self.profile["topology"]["engine"], self.cfg,
+                                          self.profile["deepspeed"]["zero_optimization"]["stage"])
         except CheckpointError as e:
             raise ExportError(str(e)) from None
         # meta.json (written by the trainer's rank 0 beside DeepSpeed's files) must tell the same story.
@@ -112,8 +113,8 @@ class Source:
         world = getattr(self.reader, "world", None)
         dp = self.meta.get("data_parallel_size")
         if dp is not None and world is not None and dp != world:
-            raise ExportError(f"{meta_file}: data_parallel_size {dp} but the ZeRO-3 files were saved by {world} ranks; "
-                              "files from different runs")
+            raise ExportError(f"{meta_file}: data_parallel_size {dp} but the ZeRO-{self.reader.STAGES} files were saved "
+                              f"by {world} ranks; files from different runs")
 
     def tensors(self):
         """(our name, tensor) in model order, one at a time."""

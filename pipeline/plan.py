@@ -2,13 +2,20 @@
 
     python -m pipeline.plan --profile ds_configs/7b_zero3.json --nodes 8 --gpus-per-node 8 --gpu h100-80gb
 
-Prints parameters, FLOPs per token, per-GPU memory (model states next to DeepSpeed's own ZeRO-3
-estimator, activations with and without activation checkpointing), tokens per step, steps for
+Prints parameters, FLOPs per token, per-GPU memory (model states next to DeepSpeed's own ZeRO-2
+or ZeRO-3 estimator, activations with and without activation checkpointing), tokens per step, steps for
 the token budget, wall-clock and GPU-hours at a stated MFU. A plan that does not fit is refused
 (exit status 1) with the reason and the cheapest changes that make it fit.
 
 Memory model, per GPU, in bytes (N parameters, W GPUs, bf16/fp16 mixed precision):
 
+    ZeRO-1        4·N + 16·N/W               — 16-bit weights and 16-bit gradients whole on every GPU;
+                                               fp32 master, Adam m, v and fp32 gradients (4 + 8 + 4
+                                               bytes) partitioned: stage 1 partitions the optimizer
+                                               states only. DeepSpeed has no ZeRO-1 estimator.
+    ZeRO-2        2·N + 18·N/W               — DeepSpeed's estimator: as ZeRO-1 with the 16-bit
+                                               gradients partitioned too (stage 2 partitions gradients)
+      + offload_optimizer=cpu                2·N on the GPU (the 16-bit weights)
     ZeRO-3        18·N/W + 4·largest_layer   — DeepSpeed's estimator: 2 (16-bit weights) + 4 (fp32
                                                master) + 8 (Adam m, v) + 4 (fp32 gradients) bytes
                                                per parameter, partitioned over all ranks, plus the
@@ -18,7 +25,8 @@ Memory model, per GPU, in bytes (N parameters, W GPUs, bf16/fp16 mixed precision
       + ZeRO++ hpZ (partition size P)        + 2·N/P: the secondary weight copy, partitioned within a node
     pipeline + ZeRO-1 (S stages, D = W/S)    a stage of Nₛ parameters holds 2·Nₛ (weights) + 4·Nₛ (fp32
                                              gradient accumulation) + 12·Nₛ/D (master + Adam, partitioned)
-    fp32 training                            4 (weights) + 4 (gradients) + 8 (Adam) bytes per parameter
+    fp32 training                            4 (weights) + 4 (gradients) + 8 (Adam) bytes per parameter,
+                                             each partitioned from the stage that partitions it
 
 Activations are counted tensor by tensor in `activation_bytes`; they are an estimate (allocator
 fragmentation and temporary buffers come on top), so a plan must leave `HEADROOM` free.
@@ -80,11 +88,12 @@ class Memory:
     """Bytes per GPU, by component (model states) plus activations."""
 
     states: dict[str, float]
-    deepspeed_estimate: float | None  # DeepSpeed's own ZeRO-3 estimator, GPU bytes; None where it has none
+    deepspeed_estimate: float | None  # DeepSpeed's own ZeRO-2/3 estimator, GPU bytes; None where it has none
     host_per_node: float  # CPU memory per node the offloaded states need (0 without offload)
     activations_checkpointed: float
     activations_full: float
     checkpointing: bool
+    estimator: str = ""  # the name of DeepSpeed's function behind deepspeed_estimate
 
     @property
     def model_states(self) -> float:
@@ -117,6 +126,35 @@ def deepspeed_zero3_estimate(layout: Layout, nodes: int, gpus_per_node: int, off
     return gpu, cpu
 
 
+def deepspeed_zero2_estimate(layout: Layout, nodes: int, gpus_per_node: int, offload_optimizer: bool) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per node) from DeepSpeed's own ZeRO-2 estimator."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cpu, gpu = estimate_zero2_model_states_mem_needs(
+        total_params=layout.total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+        cpu_offload=offload_optimizer)
+    return gpu, cpu
+
+
+def _zero_states(n: int, world: int, stage: int, mixed: bool) -> dict[str, float]:
+    """Per-GPU bytes of the data-parallel engine's model states before offload, by component:
+    each is whole on every GPU below the stage that partitions it (optimizer states from 1,
+    gradients from 2, weights at 3) and divided by W from there on."""
+    # (component, bytes per parameter, the first stage that partitions it)
+    if not mixed:
+        parts = [("weights (fp32)", 4, 3), ("gradients (fp32)", 4, 2), ("Adam m, v", 8, 1)]
+    else:
+        parts = [("weights (16-bit)", 2, 3), ("gradients (16-bit)", 2, 2), ("fp32 master", 4, 1),
+                 ("Adam m, v", 8, 1), ("gradients (fp32)", 4, 1)]
+        if stage == 3:  # as DeepSpeed's ZeRO-3 estimator, which counts no 16-bit gradients
+            del parts[1]
+    states = {}
+    for name, per_param, partitioned_from in parts:
+        split = stage >= partitioned_from
+        states[f"{name} / W" if split else name] = per_param * n / world if split else per_param * n
+    return states
+
+
 def model_state_bytes(profile: Profile, nodes: int, gpus_per_node: int) -> tuple[dict[str, float], float]:
     """Per-GPU model-state bytes by component, and host bytes per node for offloaded states."""
     layout = Layout.of(profile.model)
@@ -135,13 +173,7 @@ def model_state_bytes(profile: Profile, nodes: int, gpus_per_node: int) -> tuple
             states["fp32 master + Adam m, v"] = 12 * ns
         return states, 0.0
     off_opt, off_param = _offload(profile)
-    gathered = 4 * layout.largest_layer_params
-    if not mixed:
-        states = {"weights (fp32) / W": 4 * n / world, "gradients (fp32) / W": 4 * n / world,
-                  "Adam m, v / W": 8 * n / world}
-    else:
-        states = {"weights (16-bit) / W": 2 * n / world, "fp32 master / W": 4 * n / world,
-                  "Adam m, v / W": 8 * n / world, "gradients (fp32) / W": 4 * n / world}
+    states = _zero_states(n, world, profile.zero_stage, mixed)
     host = 0.0
     if off_opt:
         moved = [k for k in states if not k.startswith("weights")]
@@ -150,7 +182,9 @@ def model_state_bytes(profile: Profile, nodes: int, gpus_per_node: int) -> tuple
             host_bytes += states.pop(next(k for k in states if k.startswith("weights")))
         # As DeepSpeed's estimator: the offloaded states of a node's ranks, with a 1.5× buffer.
         host = host_bytes * gpus_per_node * 1.5
-    states["largest layer gathered"] = gathered
+    if profile.zero_stage < 3:
+        return states, host
+    states["largest layer gathered"] = 4 * layout.largest_layer_params
     hpz = zero.get("zero_hpz_partition_size", 1)
     if isinstance(hpz, int) and hpz > 1 and not off_param:
         states[f"ZeRO++ hpZ secondary weights / {hpz}"] = 2 * n / hpz
@@ -203,12 +237,16 @@ def memory(profile: Profile, nodes: int, gpus_per_node: int, micro_batch: int | 
     act = lambda ckpt: in_flight * activation_bytes(  # noqa: E731
         cfg, mb, profile.data.seq_len, layers, ckpt, bpv, checkpoint_every=t.activation_checkpointing_every,
         loss_chunk_tokens=t.loss_chunk_tokens)
-    estimate = None
-    if profile.topology.engine == "zero3" and t.precision != "fp32":
+    estimate, estimator = None, ""
+    if profile.topology.data_parallel and t.precision != "fp32" and profile.zero_stage >= 2:
         off_opt, off_param = _offload(profile)
-        estimate, _ = deepspeed_zero3_estimate(Layout.of(cfg), nodes, gpus_per_node, off_opt, off_param)
+        if profile.zero_stage == 3:
+            estimate, _ = deepspeed_zero3_estimate(Layout.of(cfg), nodes, gpus_per_node, off_opt, off_param)
+        else:
+            estimate, _ = deepspeed_zero2_estimate(Layout.of(cfg), nodes, gpus_per_node, off_opt)
+        estimator = f"estimate_zero{profile.zero_stage}_model_states"
     return Memory(states, estimate, host, act(True), act(False),
-                  t.activation_checkpointing if checkpointing is None else checkpointing)
+                  t.activation_checkpointing if checkpointing is None else checkpointing, estimator)
 
 
 @dataclass
@@ -282,6 +320,12 @@ def _ways_out(profile: Profile, nodes: int, gpn: int, usable: float, overrides: 
                 out.append(f"more pipeline stages: --set topology.pipeline_stages={s}")
                 break
     else:
+        for stage in range(profile.zero_stage + 1, 4):  # more partitioned, more communication
+            p = replanned([f"deepspeed.zero_optimization.stage={stage}"], nodes)
+            if p and _fits(memory(p, nodes, gpn), usable):
+                out.append(f"a higher ZeRO stage: --set deepspeed.zero_optimization.stage={stage} (more communication "
+                           "per step)")
+                break
         off_opt, off_param = _offload(profile)
         if not off_opt:
             p = replanned(['deepspeed.zero_optimization.offload_optimizer={"device": "cpu", "pin_memory": true}'],
@@ -358,10 +402,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {k:<40}{_gib(v)}")
     lines.append(f"  {'total (this planner)':<40}{_gib(m.model_states)}")
     if m.deepspeed_estimate is not None:
-        lines.append(f"  {'DeepSpeed estimate_zero3_model_states':<40}{_gib(m.deepspeed_estimate)}"
+        lines.append(f"  {'DeepSpeed ' + m.estimator:<40}{_gib(m.deepspeed_estimate)}"
                      + ("   (no hpZ copy in DeepSpeed's formula)" if any("hpZ" in k for k in m.states) else ""))
     else:
-        lines.append(f"  {'DeepSpeed estimator':<40}     n/a   (it covers ZeRO-3 with mixed precision only)")
+        lines.append(f"  {'DeepSpeed estimator':<40}     n/a   (it covers ZeRO-2 and ZeRO-3 with mixed precision only)")
     if m.host_per_node:
         lines.append(f"  {'host memory per node (offloaded)':<40}{_gib(m.host_per_node)}")
     lines += [

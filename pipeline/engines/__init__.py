@@ -12,11 +12,11 @@ from pipeline.config import Profile
 
 def build_engine(profile: Profile, init_state=None):
     """`init_state`: weights in the plain model's names to start from (--init-from), or None.
-    ZeRO-3 needs them on rank 0 only; the pipeline engine on every rank."""
-    if profile.topology.engine == "zero3":
-        from pipeline.engines.zero3 import Zero3Engine
+    The ZeRO data-parallel engine needs them on rank 0 only; the pipeline engine on every rank."""
+    if profile.topology.data_parallel:
+        from pipeline.engines.zero import ZeroEngine
 
-        return Zero3Engine(profile, init_state)
+        return ZeroEngine(profile, init_state)
     from pipeline.engines.pipe import PipelineEngine
 
     return PipelineEngine(profile, init_state)

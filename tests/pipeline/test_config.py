@@ -68,6 +68,22 @@ def test_engines_and_zero_stages():
     assert off["offload_optimizer"]["device"] == "cpu"
 
 
+def test_zero_engine_takes_its_stage_from_the_profile():
+    def zero(*sets):
+        return load_profile(REPO / "ds_configs/tiny_cpu.json", 2, ["topology.engine=zero", *sets], vocab_size=4096)
+
+    assert zero().zero_stage == 3  # tiny_cpu.json says 3
+    assert zero("deepspeed.zero_optimization.stage=\"auto\"").zero_stage == 3
+    for stage in (1, 2):
+        z = zero(f"deepspeed.zero_optimization.stage={stage}").deepspeed["zero_optimization"]
+        # tiny_cpu.json's stage-3 tunables are "auto": nothing to derive below stage 3, so dropped
+        assert z["stage"] == stage and not [k for k in z if k.startswith("stage3_")]
+        assert z["reduce_bucket_size"] == 64 * 64  # "auto" → h², at every stage
+    z2 = load_profile(REPO / "ds_configs/7b_zero2.json", 8)
+    assert (z2.topology.engine, z2.zero_stage, z2.data_parallel_size) == ("zero", 2, 8)
+    assert load_profile(REPO / "ds_configs/7b_zero3.json", 8).zero_stage == 3
+
+
 def test_auto_bucket_sizes_follow_the_hidden_size():
     z = load_profile(REPO / "ds_configs/7b_zero3.json", 8).deepspeed["zero_optimization"]
     assert z["reduce_bucket_size"] == 4096**2
@@ -124,6 +140,15 @@ MISTAKES = [
     ({"data.mixture": {"web": 0}}, 2, "data.mixture.web"),
     ({"deepspeed.optimizer": {"type": "Adam"}}, 2, "deepspeed.optimizer"),
     ({"deepspeed.zero_optimization.stage": 2}, 2, "deepspeed.zero_optimization.stage"),
+    ({"topology.engine": "zero", "deepspeed.zero_optimization.stage": 0}, 2, "deepspeed.zero_optimization.stage"),
+    ({"topology.engine": "zero", "topology.pipeline_stages": 2}, 2, "topology.pipeline_stages"),
+    ({"topology.engine": "zero", "deepspeed.zero_optimization.stage": 2,
+      "deepspeed.zero_optimization.stage3_prefetch_bucket_size": 5}, 2,
+     "deepspeed.zero_optimization.stage3_prefetch_bucket_size"),
+    ({"topology.engine": "zero", "deepspeed.zero_optimization.stage": 1,
+      "deepspeed.zero_optimization.offload_param": {"device": "cpu"}}, 2, "deepspeed.zero_optimization.offload_param"),
+    ({"topology.engine": "zero", "deepspeed.zero_optimization.stage": 2,
+      "deepspeed.zero_optimization.zero_hpz_partition_size": 2}, 2, "deepspeed.zero_optimization.zero_hpz_partition_size"),
     ({"deepspeed.train_batch_size": 99}, 2, "deepspeed.train_batch_size"),
     ({"deepspeed.bf16": {"enabled": True}}, 2, "deepspeed.bf16.enabled"),
     ({"deepspeed.zero_optimization.stage3_prefetch_bucket_sise": 5}, 2, "deepspeed.zero_optimization.stage3_prefetch_bucket_sise"),

@@ -75,7 +75,7 @@ def _mean_and_any(rank: int):
 
 def _init_from_flag(rank: int):
     # ZeRO-3's --init-from: rank 0 tells every rank whether weights follow (none here).
-    from pipeline.engines.zero3 import _load_partitioned
+    from pipeline.engines.zero import _load_partitioned
 
     _load_partitioned(None, None)
     return "ok"

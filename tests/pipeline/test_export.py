@@ -1,6 +1,7 @@
 """Export of real 2-process CPU checkpoints of both engines to Hugging Face directories.
 
-One short DeepSpeed run per engine is shared by the module (about 20 s each on 2 cores).
+One short DeepSpeed run per engine (and for the data-parallel engine per checkpoint layout:
+ZeRO-3, ZeRO-2) is shared by the module (about 20 s each on 2 cores).
 """
 
 import glob
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint_io import CheckpointError, Zero3Reader, load_file
+from pipeline.checkpoint_io import CheckpointError, Zero3Reader, load_file, open_checkpoint
 from pipeline.export import export, main, model_config_from_profile, read_run_profile
 from pipeline.model import Transformer
 from runs import run_deepspeed
@@ -62,11 +63,17 @@ def test_export_of_a_bf16_zero3_run(manifest, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def zero2_run(manifest, tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("zero2") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json",
+                 "--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2")
+
+
+@pytest.fixture(scope="module")
 def pipeline_run(manifest, tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("pipe") / "run", manifest, PIPELINE)
 
 
-@pytest.fixture(params=["zero3", "pipeline"])
+@pytest.fixture(params=["zero3", "zero2", "pipeline"])
 def run(request) -> Path:
     return request.getfixturevalue(f"{request.param}_run")
 
@@ -78,28 +85,50 @@ def real_tokens(manifest: Path, n: int = 2, length: int = 48) -> torch.Tensor:
     return torch.from_numpy(samples.batch(range(n))[0])
 
 
+def read_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
+    profile = read_run_profile(tag_dir)
+    reader = open_checkpoint(tag_dir, profile["topology"]["engine"], model_config_from_profile(profile),
+                             profile["deepspeed"]["zero_optimization"]["stage"])
+    return dict(reader.tensors())
+
+
 def our_model(run: Path) -> Transformer:
     """Our model with the checkpoint's weights, read independently of the exporter's writer."""
-    from pipeline.checkpoint_io import open_checkpoint
-
     tag_dir = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    profile = read_run_profile(tag_dir)
-    cfg = model_config_from_profile(profile)
-    model = Transformer(cfg)
-    model.load_state_dict(dict(open_checkpoint(tag_dir, profile["topology"]["engine"], cfg).tensors()))
+    model = Transformer(model_config_from_profile(read_run_profile(tag_dir)))
+    model.load_state_dict(read_checkpoint(tag_dir))
     return model.eval()
 
 
-def test_zero3_reader_matches_deepspeed_zero_to_fp32(zero3_run):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_zero_readers_match_deepspeed_zero_to_fp32(stage, zero3_run, zero2_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = zero3_run / "checkpoints" / "global_step3"
-    cfg = model_config_from_profile(read_run_profile(tag_dir))
-    ours = dict(Zero3Reader(tag_dir, cfg).tensors())
+    tag_dir = (zero3_run if stage == 3 else zero2_run) / "checkpoints" / "global_step3"
+    ours = read_checkpoint(tag_dir)
     ref = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag="global_step3")
     assert ours.keys() == ref.keys()
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+    if stage == 2:
+        # ZeRO-2 also saves the module's own weights whole (rank 0): in fp32 training they are the
+        # master weights the reader merged from the ranks' partitions.
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for k in ours:
+            assert torch.equal(ours[k], module[k]), k
+
+
+def test_bf16_runs_optimizer_files_are_found(zero3_run, zero2_run, tmp_path):
+    """bf16 runs name their optimizer files bf16_zero_pp_rank_R_mp_rank_00_optim_states.pt
+    (DeepSpeedEngine._get_zero_ckpt_prefix); their content is laid out as in fp32 runs. A bf16
+    run on the CPU costs minutes, so a fp32 run's files are renamed as DeepSpeed names them."""
+    for run in (zero3_run, zero2_run):
+        copy = copy_run(run, tmp_path / run.parent.name)
+        for f in z3(copy).glob("zero_pp_rank_*_optim_states.pt"):
+            f.rename(f.with_name("bf16_" + f.name))
+        got, want = read_checkpoint(z3(copy)), read_checkpoint(z3(run))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        export(copy, tmp_path / f"hf-{run.parent.name}")
 
 
 def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
@@ -259,6 +288,31 @@ def test_bad_zero3_checkpoints(zero3_run, tmp_path, capsys):
     expect_error(capsys, run, out, "no 'latest' file")
 
 
+def test_bad_zero2_checkpoints(zero2_run, tmp_path, capsys):
+    run = copy_run(zero2_run, tmp_path / "run")
+    out = tmp_path / "out" / "hf"
+    optim1 = z3(run) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    saved = optim1.read_bytes()
+    optim1.unlink()
+    expect_error(capsys, run, out, "optimizer file(s) of rank(s) [1] missing")
+    state = torch.load(z3(run, "global_step2") / optim1.name, weights_only=False)
+    state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] = torch.zeros(5)
+    torch.save(state, optim1)
+    expect_error(capsys, run, out, "optimizer group 0 holds")
+    optim1.write_bytes(saved)
+
+    model = z3(run) / "mp_rank_00_model_states.pt"
+    saved = model.read_bytes()
+    model.unlink()
+    expect_error(capsys, run, out, "no ZeRO-1/2 model-state file (mp_rank_00_model_states.pt)")
+    shutil.copy(z3(run, "global_step2") / model.name, model)  # a file from another step
+    expect_error(capsys, run, out, "saved at step 2 but lies in global_step3")
+    model.write_bytes(saved)
+    meta = z3(run) / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "data_parallel_size": 4}))
+    expect_error(capsys, run, out, "data_parallel_size 4 but the ZeRO-1/2 files were saved by 2 ranks")
+
+
 def test_unrestricted_pickle_is_refused(zero3_run, tmp_path, capsys):
     run = copy_run(zero3_run, tmp_path / "run")
 
@@ -309,24 +363,27 @@ def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipeline_run):
 
 # --- continued pretraining: Hugging Face → import_hf → trainer --init-from → export ---------
 
-@pytest.mark.parametrize("engine", ["zero3", "pipeline"])
+@pytest.mark.parametrize("engine", ["zero3", "zero2", "pipeline"])
 def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tmp_path):
     """A step at lr 1e-30 changes no fp32 weight (the update is far below one ulp), so the
-    exported tensors must equal the published ones bit for bit, through the real trainer."""
+    exported tensors must equal the published ones bit for bit, through the real trainer. At
+    ZeRO-2 only rank 0 reads the weights and the other rank's half of the exported master weights
+    comes from what DeepSpeed's initialize broadcast to it."""
     import transformers
     from safetensors.torch import load_file
 
     from pipeline.data import Manifest
     from pipeline.import_hf import import_hf
 
-    profile = REPO / "ds_configs" / "tiny_cpu.json" if engine == "zero3" else PIPELINE
+    profile = PIPELINE if engine == "pipeline" else REPO / "ds_configs" / "tiny_cpu.json"
+    stage = ["--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2"] if engine == "zero2" else []
     hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=Manifest.load(manifest).tokenizer.vocab_size,
                                       max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
     torch.manual_seed(1)
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "published")
     import_hf(tmp_path / "published", tmp_path / "init")
-    run = train(tmp_path / "run", manifest, profile, "--set", "train.steps=1", "--set", "train.lr=1e-30",
+    run = train(tmp_path / "run", manifest, profile, *stage, "--set", "train.steps=1", "--set", "train.lr=1e-30",
                 "--init-from", str(tmp_path / "init"))
     out = export(run, tmp_path / "exported")
     published = load_file(tmp_path / "published" / "model.safetensors")

@@ -47,6 +47,9 @@ def test_all_good(prep, tmp_path):
     assert run_preflight(_raw(), manifest, tmp_path / "run", 2) == []
     resolved = load_profile(TINY, 2, vocab_size=_vocab(prep))
     assert run_preflight(resolved, manifest, tmp_path / "run", 2) == []
+    for stage in (1, 2):  # the data-parallel engine at a lower ZeRO stage
+        zero = _raw("topology.engine=zero", f"deepspeed.zero_optimization.stage={stage}")
+        assert run_preflight(zero, manifest, tmp_path / "run", 2) == []
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 

@@ -1,10 +1,14 @@
-"""ZeRO stage 3 data parallelism: parameters, gradients and optimizer states sharded over all ranks."""
+"""ZeRO data parallelism over all ranks, at the profile's stage: 1 shards the optimizer states,
+2 also the gradients, 3 also the parameters."""
 
 from __future__ import annotations
+
+import os
 
 import deepspeed
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from pipeline.config import Profile
 from pipeline import distributed
@@ -15,17 +19,11 @@ from pipeline.model import Transformer
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
-class Zero3Engine(EngineBase):
+class ZeroEngine(EngineBase):
     def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
-        # Built under zero.Init so no rank ever holds the whole model: each parameter is
-        # partitioned as soon as its module is constructed (the 7B model never materialises).
-        with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
-            model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
-        # --init-from: rank 0 holds the weights; each parameter is gathered, overwritten on rank 0
-        # and re-partitioned. Done before deepspeed.initialize, which copies the partitions into
-        # the optimizer's fp32 master weights. A no-op (one broadcast) without --init-from.
-        _load_partitioned(model, init_state)
+        self.stage = profile.zero_stage
+        model = _build_model(profile, init_state)
         prepare_blocks(enumerate(model.layers), profile.train)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
                                                optimizer_offloaded(profile.deepspeed))
@@ -58,7 +56,7 @@ class Zero3Engine(EngineBase):
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
         client_state = super().load(ckpt_dir, tag)
-        if self.engine.load_universal_checkpoint():
+        if self.stage == 3 and self.engine.load_universal_checkpoint():
             # Two quirks of DeepSpeed's ZeRO-3 universal loader (stage3.py,
             # load_hp_checkpoint_state_from_checkpoint_dir_stage3), mended here:
             # it copies the first param group's hyperparameters into every group, which would
@@ -74,7 +72,35 @@ class Zero3Engine(EngineBase):
         return client_state
 
 
+def _build_model(profile: Profile, init_state: dict[str, torch.Tensor] | None) -> Transformer:
+    """The model, holding the --init-from weights (given on rank 0 only) on every rank.
+
+    Stage 3: built under zero.Init so no rank ever holds the whole model: each parameter is
+    partitioned as soon as its module is constructed (the 7B model never materialises). Rank 0's
+    weights go in parameter by parameter before deepspeed.initialize, which copies the partitions
+    into the optimizer's fp32 master weights.
+
+    Stages 1 and 2: every rank holds the whole model, built on its local rank's device as
+    zero.Init builds it (so both draw the initial weights from the same generator, and no rank
+    holds an fp32 copy in host memory). Rank 0 copies its weights in; the other ranks get them
+    from deepspeed.initialize, which broadcasts every parameter from rank 0 for a model not built
+    under zero.Init (DeepSpeedEngine._broadcast_model, on the engine's device) before the
+    optimizer copies them into its fp32 partitions."""
+    if profile.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=profile.deepspeed):
+            model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
+        _load_partitioned(model, init_state)  # a no-op (one broadcast) without --init-from
+        return model
+    with torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))):
+        model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    return model
+
+
 def _load_partitioned(model: Transformer, state: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's weights into a model built under zero.Init: each parameter is gathered, overwritten
+    on rank 0 and re-partitioned."""
     rank = distributed.rank()
     if not broadcast_values([1.0 if rank == 0 and state is not None else 0.0], src=0)[0]:
         return
