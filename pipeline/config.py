@@ -49,6 +49,8 @@ class ModelSection(_Section):
     norm_eps: float | None = Field(None, gt=0)
     rope_theta: float | None = Field(None, gt=0)
     init_std: float | None = Field(None, gt=0)
+    # One GEMM for q, k, v and one for gate and up (see pipeline/model.py); changes parameter names.
+    fused_projections: bool = False
 
     @model_validator(mode="after")
     def _known_preset(self) -> "ModelSection":

@@ -1,7 +1,9 @@
 """Mapping between this repository's LLaMA (`pipeline/model.py`) and Hugging Face `LlamaForCausalLM`.
 
 Both use the rotate-half rotary layout, so every tensor maps one-to-one by name, with no
-permutation of the q/k projections (unlike Meta's original interleaved checkpoints).
+permutation of the q/k projections (unlike Meta's original interleaved checkpoints). A model
+with `fused_projections` stacks several Hugging Face tensors by rows in one of ours (`_FUSED`);
+`hf_parts` is the one place that says which, and every conversion below derives from it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +37,11 @@ _TOP_MAP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+}
+# A fused parameter of a block → the unfused parameters it stacks, by rows, in this order.
+_FUSED = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
 }
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -207,13 +215,6 @@ def write_safetensors(
     return index
 
 
-def hf_tensors(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename our tensors to Hugging Face names, lazily."""
-    items = state.items() if isinstance(state, dict) else state
-    for name, t in items:
-        yield to_hf_name(name), t
-
-
 def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes, in model order (embedding, blocks, final norm, head)."""
     from pipeline.model import Transformer
@@ -221,6 +222,55 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Transformer(cfg)
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def hf_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Our parameter names of `cfg`, in model order → the Hugging Face tensors (name, shape) each
+    holds, stacked by rows in this order: one for every parameter of an unfused model, three for
+    `wqkv` (q, k, v) and two for `w13` (gate, up) of a fused one."""
+    plain = model_shapes(replace(cfg, fused_projections=False))
+    parts = {}
+    for name in model_shapes(cfg):
+        m = _LAYER_RE.match(name)
+        pieces = [f"layers.{m.group(1)}.{p}" for p in _FUSED[m.group(2)]] if m and m.group(2) in _FUSED else [name]
+        parts[name] = [(to_hf_name(p), plain[p]) for p in pieces]
+    return parts
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face names and shapes of `cfg`'s tensors, in model order."""
+    return {hf: shape for pieces in hf_parts(cfg).values() for hf, shape in pieces}
+
+
+def hf_tensors(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+               cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensors (of `cfg`'s layout) under Hugging Face names, lazily; fused weights are cut
+    into their parts by rows (views: the values are the fused weight's, bit for bit)."""
+    parts = hf_parts(cfg)
+    for name, t in (state.items() if isinstance(state, dict) else state):
+        if name not in parts:
+            raise KeyError(f"parameter {name!r} is not part of this model")
+        pieces = parts[name]
+        yield from zip([hf for hf, _ in pieces], t.split([shape[0] for _, shape in pieces]))
+
+
+def from_hf_tensors(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A state dict of `cfg`'s layout from tensors under Hugging Face names (taken out of `hf` as
+    they are used); fused weights are the parts concatenated by rows."""
+    state = {}
+    for name, pieces in hf_parts(cfg).items():
+        tensors = [hf.pop(h) for h, _ in pieces]
+        state[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    return state
+
+
+def relayout(state: dict[str, torch.Tensor], src: ModelConfig, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state`, a state dict of `src`'s layout, in `cfg`'s: fused or unfused (same shape fields).
+    Consumes `state`, so each fused weight's parts are freed as soon as it is built."""
+    if src.fused_projections == cfg.fused_projections:
+        return state
+    hf = dict(hf_tensors([(n, state.pop(n)) for n in list(state)], src))
+    return from_hf_tensors(hf, cfg)
 
 
 def _in_order(state: dict[str, torch.Tensor], names) -> Iterator[tuple[str, torch.Tensor]]:
@@ -255,8 +305,7 @@ def save_hf_model(
     shapes = model_shapes(cfg)
     if isinstance(state, dict):
         state = _in_order(state, list(shapes))
-    hf_shapes = {to_hf_name(n): s for n, s in shapes.items()}
-    write_safetensors(hf_shapes, hf_tensors(state), out_dir, dtype, parse_size(max_shard_size))
+    write_safetensors(hf_shapes(cfg), hf_tensors(state, cfg), out_dir, dtype, parse_size(max_shard_size))
 
 
 def hf_weight_files(hf_dir: str | Path) -> list[Path]:

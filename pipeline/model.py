@@ -7,6 +7,10 @@ Reads top to bottom like the diagram:
     Attention:         q, k, v projections → rotary embedding on q, k → causal SDPA → output projection
     FeedForward:       SwiGLU, w2(silu(w1 x) * w3 x)
 
+With `fused_projections` the q, k, v projections are one weight `wqkv` (rows: q, then k, then v)
+and the gate and up projections one weight `w13` (rows: w1, then w3): one GEMM instead of three
+and two, the same function and, from the same seed, the same weights stacked (`FusedLinear`).
+
 Nothing here knows about DeepSpeed; engines in `pipeline/engines/` wrap these modules.
 
 Rotary embeddings use the "rotate half" layout (the first and second halves of each head
@@ -37,6 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    fused_projections: bool = False  # wqkv and w13 instead of wq, wk, wv and w1, w3 (names and shapes change)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -134,6 +139,25 @@ class Linear(nn.Linear):
         nn.init.normal_(self.weight, 0.0, self.std)
 
 
+class FusedLinear(Linear):
+    """Projections of the same input stacked into one weight, rows `parts[0]` first; forward
+    returns the outputs split back into the parts. Each part is drawn in turn as its own `Linear`
+    would be, so a fused model has exactly the weights of the unfused model built from the same
+    seed (one normal_ over the whole weight would not: the CPU generator fills in blocks of 16
+    and redraws a ragged tail)."""
+
+    def __init__(self, d_in: int, parts: tuple[int, ...], std: float):
+        self.parts = parts
+        super().__init__(d_in, sum(parts), std)
+
+    def reset_parameters(self) -> None:
+        for part in self.weight.split(self.parts):
+            nn.init.normal_(part, 0.0, self.std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.parts, dim=-1)
+
+
 class Embedding(nn.Embedding):
     """Token embedding initialised N(0, std) (see `Linear` for why in reset_parameters)."""
 
@@ -155,16 +179,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
-        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.fused = cfg.fused_projections
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        if self.fused:
+            self.wqkv = FusedLinear(cfg.dim, (q, kv, kv), cfg.init_std)
+        else:
+            self.wq = Linear(cfg.dim, q, cfg.init_std)
+            self.wk = Linear(cfg.dim, kv, cfg.init_std)
+            self.wv = Linear(cfg.dim, kv, cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, _residual_std(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x) if self.fused else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
@@ -173,12 +203,17 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # gate
-        self.w3 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # up
+        self.fused = cfg.fused_projections
+        if self.fused:
+            self.w13 = FusedLinear(cfg.dim, (cfg.ffn_dim, cfg.ffn_dim), cfg.init_std)  # gate, up
+        else:
+            self.w1 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # gate
+            self.w3 = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)  # up
         self.w2 = Linear(cfg.ffn_dim, cfg.dim, _residual_std(cfg))  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if self.fused else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

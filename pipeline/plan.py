@@ -73,7 +73,10 @@ class Layout:
         d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
         attn = 2 * d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd
         block = attn + 3 * d * f + 2 * d
-        largest = max(cfg.vocab_size * d, d * f, d * cfg.n_heads * hd)
+        # Fused projections (pipeline/model.py) make wqkv and w13 the largest weights of a block.
+        q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
+        block_weights = (d * (q + 2 * kv), 2 * d * f) if cfg.fused_projections else (d * q, d * f)
+        largest = max(cfg.vocab_size * d, *block_weights)
         return cls(cfg.num_params(), largest, block, cfg.vocab_size * d)
 
     def stage_params(self, n_layers: int, stages: int) -> int:

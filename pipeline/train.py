@@ -74,14 +74,14 @@ def all_ranks_mean(value: float) -> float:
 
 
 def load_init_weights(path: str, model: ModelConfig) -> dict:
-    from pipeline.hf import load_init_dir
+    from pipeline.hf import load_init_dir, relayout
 
     cfg, state = load_init_dir(path)
     shape = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size")
     diff = [f"{k} {getattr(cfg, k)} ≠ {getattr(model, k)}" for k in shape if getattr(cfg, k) != getattr(model, k)]
     if diff:
         raise ValueError(f"the imported model does not match the profile's model: {', '.join(diff)}")
-    return state
+    return relayout(state, cfg, model)  # an imported (unfused) model into a fused profile: parts concatenated
 
 
 class StartError(Exception):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers
 
-from pipeline.hf import load_hf_state, save_hf_model
+from pipeline.hf import hf_parts, load_hf_state, relayout, save_hf_model
+from pipeline.import_hf import import_hf
 from pipeline.model import PRESETS, ModelConfig, Transformer
 
 
@@ -15,10 +16,10 @@ def test_llama_7b_parameter_count_on_meta_device():
     assert PRESETS["llama-7b"].num_params() == 6_738_415_616
 
 
-@pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_logits_match_transformers_after_export(tmp_path, n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads,fused", [(None, False), (2, False), (2, True)])
+def test_logits_match_transformers_after_export(tmp_path, n_kv_heads, fused):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["tiny"], n_kv_heads=n_kv_heads, vocab_size=512)
+    cfg = dataclasses.replace(PRESETS["tiny"], n_kv_heads=n_kv_heads, vocab_size=512, fused_projections=fused)
     ours = Transformer(cfg).eval()
     # Norm weights start at 1; randomise them so a wrong norm mapping cannot hide.
     with torch.no_grad():
@@ -50,3 +51,59 @@ def test_hf_round_trip_is_bit_identical(tmp_path):
 def test_config_rejects_bad_head_split():
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig(dim=64, n_layers=1, n_heads=5, vocab_size=10, ffn_dim=8)
+
+
+def fused_pair(seed: int = 3) -> tuple[Transformer, Transformer]:
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=512)
+    return Transformer(cfg, seed=seed), Transformer(dataclasses.replace(cfg, fused_projections=True), seed=seed)
+
+
+def split(fused: Transformer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fused model's tensors (weights or gradients) under the unfused model's names."""
+    return relayout(dict(tensors), fused.cfg, dataclasses.replace(fused.cfg, fused_projections=False))
+
+
+def test_fused_projections_are_the_same_model():
+    """Built from one seed, the fused model holds the unfused weights stacked (wqkv = [wq; wk; wv],
+    w13 = [w1; w3]) and computes the same logits and, after splitting, the same gradients."""
+    plain, fused = fused_pair()
+    state = fused.state_dict()
+    assert "layers.1.attention.wqkv.weight" in state and "layers.1.feed_forward.w13.weight" in state
+    assert [h for h, _ in hf_parts(fused.cfg)["layers.1.attention.wqkv.weight"]] == [
+        f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"]
+    unfused = plain.state_dict()
+    for name, t in split(fused, state).items():
+        assert torch.equal(t, unfused[name]), name
+
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 512, (2, 37), generator=g), torch.randint(0, 512, (2, 37), generator=g)
+    # The same dot products over the same inputs: the CPU's fp32 GEMM gives the same sums.
+    assert torch.equal(plain(tokens), fused(tokens))
+    plain(tokens, labels).backward()
+    fused(tokens, labels).backward()
+    grads = split(fused, {n: p.grad for n, p in fused.named_parameters()})
+    for name, p in plain.named_parameters():
+        # A weight gradient sums over the batch's tokens; one larger GEMM may block that sum
+        # differently from three, so the last bits may differ (seen: 5e-9 on gradients of 1e-3).
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_fused_model_round_trips_through_export_and_import(tmp_path):
+    """Export splits the fused rows exactly (the files equal the unfused model's export, byte for
+    byte); import_hf plus relayout (what --init-from does for a fused profile) stacks them again."""
+    plain, fused = fused_pair()
+    for d in ("plain", "fused"):
+        (tmp_path / d).mkdir()
+    save_hf_model(plain.state_dict(), plain.cfg, tmp_path / "plain", max_shard_size="100KB")
+    save_hf_model(fused.state_dict(), fused.cfg, tmp_path / "fused", max_shard_size="100KB")
+    for f in sorted((tmp_path / "plain").iterdir()):
+        assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes(), f.name
+
+    import_hf(tmp_path / "fused", tmp_path / "init")
+    from pipeline.train import load_init_weights
+
+    back = load_init_weights(str(tmp_path / "init"), fused.cfg)
+    state = fused.state_dict()
+    assert back.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(back[name], t), name

@@ -3,6 +3,7 @@ what does not fit is refused with a way out."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,11 @@ def test_every_shipped_profile_plans(path, capsys):
         assert needle in out, needle
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "llama-1b"])
-def test_layout_matches_the_built_model(preset):
-    cfg = PRESETS[preset]
+@pytest.mark.parametrize("preset,vocab,fused", [("tiny", None, False), ("small", None, False), ("llama-1b", None, False),
+                                               ("small", 512, False), ("small", 512, True)])
+def test_layout_matches_the_built_model(preset, vocab, fused):
+    # "small" with a 512-token vocabulary: a block weight is the largest, w1 unfused, w13 fused.
+    cfg = dataclasses.replace(PRESETS[preset], vocab_size=vocab or PRESETS[preset].vocab_size, fused_projections=fused)
     with torch.device("meta"):
         model = Transformer(cfg)
     total = sum(p.numel() for p in model.parameters())
