@@ -143,8 +143,8 @@ class FusedLinear(Linear):
     """Projections of the same input stacked into one weight, rows `parts[0]` first; forward
     returns the outputs split back into the parts. Each part is drawn in turn as its own `Linear`
     would be, so a fused model has exactly the weights of the unfused model built from the same
-    seed (one normal_ over the whole weight would not: the CPU generator fills in blocks of 16
-    and redraws a ragged tail)."""
+    seed (one normal_ over the whole weight would not in general: the CPU generator fills 16
+    values at a time and redraws a ragged tail; CUDA's assigns values to threads by size)."""
 
     def __init__(self, d_in: int, parts: tuple[int, ...], std: float):
         self.parts = parts

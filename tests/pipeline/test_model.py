@@ -54,7 +54,9 @@ def test_config_rejects_bad_head_split():
 
 
 def fused_pair(seed: int = 3) -> tuple[Transformer, Transformer]:
-    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=512)
+    # Parts of 42·42, 14·42 and 100·42 values, not multiples of 16: one normal_ over a whole fused
+    # weight would draw other values than one per part (on the CPU; with multiples of 16 it agrees).
+    cfg = dataclasses.replace(PRESETS["tiny"], dim=42, n_heads=3, n_kv_heads=1, ffn_dim=100, vocab_size=512)
     return Transformer(cfg, seed=seed), Transformer(dataclasses.replace(cfg, fused_projections=True), seed=seed)
 
 
@@ -77,8 +79,9 @@ def test_fused_projections_are_the_same_model():
 
     g = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 512, (2, 37), generator=g), torch.randint(0, 512, (2, 37), generator=g)
-    # The same dot products over the same inputs: the CPU's fp32 GEMM gives the same sums.
-    assert torch.equal(plain(tokens), fused(tokens))
+    # The same dot products, but a wider GEMM may take another kernel or blocking, so the last
+    # bits may differ (seen: equal at the tiny preset's shapes, 3e-8 apart at these).
+    torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-6)
     plain(tokens, labels).backward()
     fused(tokens, labels).backward()
     grads = split(fused, {n: p.grad for n, p in fused.named_parameters()})
