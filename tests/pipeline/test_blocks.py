@@ -7,6 +7,11 @@ from pipeline.config import TrainSection
 from pipeline.engines.blocks import prepare_blocks
 from pipeline.model import PRESETS, ModelConfig, Transformer, chunked_cross_entropy
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the same tokens every run
+
+
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=176, max_seq_len=64)
 
 
@@ -68,7 +73,7 @@ def test_chunked_loss_equals_the_full_loss_in_fp32():
     want = loss_and_grads(Transformer(CFG, seed=4), tokens)
     for chunk in (1, 17, 120, 10_000):  # one token, chunks that do not divide 120 tokens, all of them, more
         got = loss_and_grads(Transformer(CFG, seed=4, loss_chunk_tokens=chunk), tokens)
-        assert got[0] == pytest.approx(want[0], abs=1e-6)
+        assert got[0] == pytest.approx(want[0], rel=1e-6)  # a few fp32 roundings of a loss near 6
         for n in want[1]:
             torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-7)
 
