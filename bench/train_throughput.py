@@ -100,6 +100,9 @@ def main() -> None:
         return
 
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # One thread per process: N processes on N cores, as the tests run; torch's default (all
+    # cores in every process) oversubscribes and turns scheduling noise into the measurement.
+    env.setdefault("OMP_NUM_THREADS", "1")
     profile = load_profile(REPO / args.profile, args.nproc, [*args.sets, f"data.manifest={args.manifest}"],
                            vocab_size=Manifest.load(args.manifest).tokenizer.vocab_size)
     ours_t, bare_t = [], []
