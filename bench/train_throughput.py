@@ -178,13 +178,15 @@ def print_plan(runs: list[Run], profile_path: str, env: dict, vocab_size: int | 
 
 
 def measure(make_runs: Callable[[Path], list[Run]], rounds: int, env: dict, work_root: str) -> dict[str, dict]:
-    """Every run once per round, in turn (so slow drifts of a shared machine hit all alike);
-    step times after WARMUP pooled over the rounds, peak memory the highest."""
+    """Every run once per round, in turn, the order reversed every other round (so slow drifts of
+    a shared machine hit all alike); step times after WARMUP pooled over the rounds, peak memory
+    the highest."""
     outputs: dict[str, dict] = {}
     for r in range(rounds):
         work = Path(work_root, f"round{r}")  # a fresh --out per round: the trainer would resume otherwise
         work.mkdir(parents=True)
-        for run in make_runs(work):
+        runs = make_runs(work)
+        for run in runs[::-1] if r % 2 else runs:
             out = execute(run, env)
             acc = outputs.setdefault(run.name, {"label": run.label, "step_times": [], "round_medians": [],
                                                 "peak_mem_gib": None})
