@@ -165,8 +165,8 @@ def print_plan(runs: list[Run], profile_path: str, env: dict, vocab_size: int | 
         p = load_profile(REPO / profile_path, run.nproc, run.overrides, vocab_size=vocab_size)
         t, m = p.train, p.model
         print(f"{run.name}: {shlex.join(run.cmd)}")
-        print(f"  resolved: engine {run.engine_note or p.topology.engine}, {run.nproc} process(es), {m.n_layers} layers, dim {m.dim}, "
-              f"FFN {m.ffn_dim}, {m.n_heads} heads, vocab {m.vocab_size}, seq {p.data.seq_len} "
+        print(f"  resolved: engine {run.engine_note or p.topology.engine}, {run.nproc} process(es), "
+              f"{m.n_layers} layers, dim {m.dim}, FFN {m.ffn_dim}, {m.n_heads} heads, vocab {m.vocab_size}, seq {p.data.seq_len} "
               f"(max {m.max_seq_len}), micro-batch {t.micro_batch_size} × accumulation {p.grad_accum_steps}, "
               f"{t.precision}, activation checkpointing {t.activation_checkpointing}, attention "
               f"{t.attention_backend}, compile {t.compile}, {t.steps} steps")
@@ -200,30 +200,6 @@ def measure(make_runs: Callable[[Path], list[Run]], rounds: int, env: dict, work
     return outputs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="ds_configs/tiny_cpu.json", help="CPU mode: the profile to measure")
-    p.add_argument("--manifest", help="prepared data (CPU default: runs/demo/prep/shards/manifest.json, which "
-                   "make demo makes; GPU default: prepared from the demo corpus into runs/bench/prep)")
-    p.add_argument("--steps", type=int, default=30, help="steps per run, the first 3 untimed")
-    p.add_argument("--nproc", type=int, default=2, help="CPU mode: processes (devices)")
-    p.add_argument("--rounds", type=int, help="alternate the runs this many times (default: 2 on the CPU, 1 on a GPU)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="profile override for every run, repeatable")
-    p.add_argument("--gpu-7b-layers", type=int, default=0, metavar="K",
-                   help="GPU mode: the LLaMA-7B layer shape with K layers on one GPU, three ways")
-    p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="GPU mode: sequences per micro-batch")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPU mode: recompute every block's activations in the backward pass")
-    p.add_argument("--json", metavar="FILE", help="GPU mode: write the results as JSON (schema in docs/benchmarks.md)")
-    p.add_argument("--work", help="directory for the runs' outputs (default: a temporary directory)")
-    p.add_argument("--dry-run", action="store_true", help="resolve every run's profile and print the plan; launch nothing")
-    args = p.parse_args(argv)
-    if args.json and not args.gpu_7b_layers:
-        p.error("--json is written in GPU mode (--gpu-7b-layers K)")
-    return args
-
-
 def gpu_overrides(layers: int, micro_batch: int, activation_checkpointing: bool, extra: list[str]) -> list[str]:
     """The LLaMA-7B layer shape on ds_configs/7b_zero3.json: K of its layers, seq 4096 (so
     max_seq_len 4096 too), a 32000-token vocabulary whatever the tokenizer's, one micro-batch per step."""
@@ -246,8 +222,10 @@ def prepare_demo_manifest(env: dict) -> str:
     cfg = DEMO_PREP.parent / "prep.json"
     cfg.write_text(json.dumps(config))
     print(f"preparing data from the demo corpus into {DEMO_PREP} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(DEMO_PREP)],
-                   cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(DEMO_PREP)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"data prep failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
     return str(manifest)
 
 
@@ -335,6 +313,30 @@ def cpu_mode(args, env: dict) -> None:
     per_round = [o / b for o, b in zip(outputs["ours"]["round_medians"], outputs["bare_deepspeed"]["round_medians"])]
     print(f"  ratio ours / bare step time: {figs['ours'].step_time_s / figs['bare_deepspeed'].step_time_s:.3f} "
           f"(target ≤ 1.05; per round {', '.join(f'{r:.3f}' for r in per_round)})")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="ds_configs/tiny_cpu.json", help="CPU mode: the profile to measure")
+    p.add_argument("--manifest", help="prepared data (CPU default: runs/demo/prep/shards/manifest.json, which "
+                   "make demo makes; GPU default: prepared from the demo corpus into runs/bench/prep)")
+    p.add_argument("--steps", type=int, default=30, help="steps per run, the first 3 untimed")
+    p.add_argument("--nproc", type=int, default=2, help="CPU mode: processes (devices)")
+    p.add_argument("--rounds", type=int, help="alternate the runs this many times (default: 2 on the CPU, 1 on a GPU)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="profile override for every run, repeatable")
+    p.add_argument("--gpu-7b-layers", type=int, default=0, metavar="K",
+                   help="GPU mode: the LLaMA-7B layer shape with K layers on one GPU, three ways")
+    p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="GPU mode: sequences per micro-batch")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU mode: recompute every block's activations in the backward pass")
+    p.add_argument("--json", metavar="FILE", help="GPU mode: write the results as JSON (schema in docs/benchmarks.md)")
+    p.add_argument("--work", help="directory for the runs' outputs (default: a temporary directory)")
+    p.add_argument("--dry-run", action="store_true", help="resolve every run's profile and print the plan; launch nothing")
+    args = p.parse_args(argv)
+    if args.json and not args.gpu_7b_layers:
+        p.error("--json is written in GPU mode (--gpu-7b-layers K)")
+    return args
 
 
 def main(argv=None) -> None:

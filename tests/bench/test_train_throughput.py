@@ -3,6 +3,7 @@ runs' resolved profiles (--dry-run), and the plain PyTorch peer on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,6 +39,32 @@ def test_gpu_dry_run_refuses_a_bad_override_in_one_line(tmp_path):
     profile = REPO / "ds_configs/7b_zero3.json"
     assert proc.stderr.strip().splitlines() == [
         f"error: {profile}: data.seq_len: exceeds model.max_seq_len=4096 (got 8192)"]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench/train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_json_report_has_exactly_the_documented_keys(tmp_path):
+    tt = load_bench()
+    args = tt.parse_args(["--gpu-7b-layers", "2", "--json", str(tmp_path / "gpu.json")])
+    profile = tt.load_profile(tt.REPO / tt.GPU_PROFILE, 1, tt.run_overrides(30, tt.gpu_overrides(2, 1, True, [])))
+    outputs = {name: {"label": name, "step_times": [2.0, 1.0, 3.0], "peak_mem_gib": 10.0}
+               for name in ("ours", "bare_deepspeed", "plain_pytorch")}
+    outputs["plain_pytorch"]["sdpa_backend"] = "unknown"  # the profiler saw no SDPA operator
+    tt.report_gpu(args, profile, outputs)
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(doc) == {"device", "shape", "results", "sdpa_backend"}
+    assert doc["shape"] == {"dim": 4096, "ffn_dim": 11008, "n_heads": 32, "n_layers": 2, "seq_len": 4096,
+                            "micro_batch_size": 1, "precision": "bf16"}
+    assert [r["name"] for r in doc["results"]] == ["ours", "bare_deepspeed", "plain_pytorch"]
+    ours = doc["results"][0]
+    assert set(ours) == {"name", "step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_mem_gib"}
+    assert ours["step_time_s"] == 2.0 and ours["tokens_per_s"] == 4096 / 2.0 and ours["peak_mem_gib"] == 10.0
+    assert doc["sdpa_backend"] == "flash"  # the one kernel the profile allows
 
 
 def test_json_needs_gpu_mode():
