@@ -44,6 +44,7 @@ def test_gpu_dry_run_refuses_a_bad_override_in_one_line(tmp_path):
 def load_bench():
     spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench/train_throughput.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
