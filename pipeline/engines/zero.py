@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from pipeline.config import Profile
 from pipeline import distributed
+from pipeline.config import Profile
 from pipeline.distributed import broadcast_values
 from pipeline.engines.base import EngineBase
 from pipeline.engines.blocks import prepare_blocks
@@ -23,7 +23,7 @@ class ZeroEngine(EngineBase):
     def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
         self.profile = profile
         self.stage = profile.zero_stage
-        model = _build_model(profile, init_state)
+        model = build_model(profile, init_state)
         prepare_blocks(enumerate(model.layers), profile.train)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
                                                optimizer_offloaded(profile.deepspeed))
@@ -72,7 +72,7 @@ class ZeroEngine(EngineBase):
         return client_state
 
 
-def _build_model(profile: Profile, init_state: dict[str, torch.Tensor] | None) -> Transformer:
+def build_model(profile: Profile, init_state: dict[str, torch.Tensor] | None) -> Transformer:
     """The model, holding the --init-from weights (given on rank 0 only) on every rank.
 
     Stage 3: built under zero.Init so no rank ever holds the whole model: each parameter is
