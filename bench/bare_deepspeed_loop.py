@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
+from peer_args import peer_parser  # noqa: E402
 from pipeline.config import Profile, load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
@@ -35,13 +36,7 @@ from pipeline.optim import build_optimizer, optimizer_offloaded  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", required=True, help="JSON profile (see ds_configs/)")
-    p.add_argument("--manifest", required=True, help="prepared data: shards/manifest.json")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps to time")
-    p.add_argument("--out", required=True, help="JSON file for the step times (written by rank 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="profile override, as for pipeline.train (repeatable)")
+    p = peer_parser(__doc__)
     p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from peer_args import peer_parser  # noqa: E402
 from pipeline.config import Profile, load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
 from pipeline.engines.blocks import prepare_blocks  # noqa: E402
@@ -46,14 +47,7 @@ SDPA_OPS = {"aten::_scaled_dot_product_flash_attention": "flash",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", required=True, help="JSON profile (see ds_configs/); its deepspeed section is unused")
-    p.add_argument("--manifest", required=True, help="prepared data: shards/manifest.json")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps to time")
-    p.add_argument("--out", required=True, help="JSON file for the step times")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="profile override, as for pipeline.train (repeatable)")
-    return p.parse_args(argv)
+    return peer_parser(__doc__, "JSON profile (see ds_configs/); its deepspeed section is unused").parse_args(argv)
 
 
 def autocast(profile: Profile, device: torch.device):
