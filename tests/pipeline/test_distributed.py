@@ -28,20 +28,26 @@ from runs import REPO, free_port
 WORLD = 2
 
 
-def _rank_main(rank: int, port: int, call: str, results) -> None:
+def _rank_main(rank: int, port: int, results) -> None:
+    """Every call of CALLS in turn (in order: the last one replaces the accelerator), each
+    result or error kept apart, in one process group, to start two processes once."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    out = {}
     try:
         from deepspeed.accelerator import get_accelerator
 
         device_type = torch.device(get_accelerator().current_device_name()).type
         torch.distributed.init_process_group(f"{device_type}:gloo", rank=rank, world_size=WORLD)
         _check_devices_in_collectives()
-        with torch.device("meta"):  # the default device differs from the accelerator's, as on a GPU node
-            results.put((rank, CALLS[call](rank)))
-    except Exception:
-        results.put((rank, "error: " + traceback.format_exc(limit=-3)))
+        for name, call in CALLS.items():
+            try:
+                with torch.device("meta"):  # the default device differs from the accelerator's, as on a GPU node
+                    out[name] = call(rank)
+            except Exception:
+                out[name] = "error: " + traceback.format_exc(limit=-3)
     finally:
+        results.put((rank, out))
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -113,38 +119,44 @@ def _device_after_init(rank: int):
     return deepspeed.accelerator.get_accelerator().current_device()
 
 
-CALLS = {"device_after_init": _device_after_init, "mean_and_any": _mean_and_any, "init_from_flag": _init_from_flag, "broadcast": _broadcast}
+CALLS = {"mean_and_any": _mean_and_any, "init_from_flag": _init_from_flag, "broadcast": _broadcast,
+         "device_after_init": _device_after_init}
 
 
-def run_ranks(call: str) -> dict:
+@pytest.fixture(scope="module")
+def rank_results() -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, call, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, results)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    out = dict(results.get(timeout=180) for _ in procs)
+    out = dict(results.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
     return out
 
 
-def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator():
-    out = run_ranks("mean_and_any")
+def run_ranks(rank_results: dict, call: str) -> dict:
+    return {rank: rank_results[rank].get(call, "not run") for rank in range(WORLD)}
+
+
+def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator(rank_results):
+    out = run_ranks(rank_results, "mean_and_any")
     assert out == {0: (2.0, True), 1: (2.0, True)}, out
 
 
-def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator():
-    out = run_ranks("init_from_flag")
+def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator(rank_results):
+    out = run_ranks(rank_results, "init_from_flag")
     assert out == {0: "ok", 1: "ok"}, out
 
 
-def test_each_rank_uses_its_own_device_before_the_engine_exists():
-    assert run_ranks("device_after_init") == {0: 0, 1: 1}
+def test_each_rank_uses_its_own_device_before_the_engine_exists(rank_results):
+    assert run_ranks(rank_results, "device_after_init") == {0: 0, 1: 1}
 
 
-def test_broadcast_values_reach_every_rank():
-    out = run_ranks("broadcast")
+def test_broadcast_values_reach_every_rank(rank_results):
+    out = run_ranks(rank_results, "broadcast")
     assert out == {0: [7.0, 0.0], 1: [7.0, 0.0]}, out
 
 

@@ -169,21 +169,19 @@ def test_zero_stages_1_and_2_give_the_losses_of_zero3(prepared_data, zero3_run, 
     assert (tag / "mp_rank_00_model_states.pt").exists()  # stage 1/2: rank 0 writes the whole model
 
 
-@pytest.mark.parametrize("ranks", [2, 1])
-def test_zero2_resumes_on_the_same_and_another_number_of_ranks(prepared_data, zero2_run, tmp_path, ranks):
+def test_zero2_resumes_on_another_number_of_ranks(prepared_data, zero2_run, tmp_path):
+    """2 ranks → 1 (through the universal checkpoint; same-rank resume is the ZeRO-3 SIGTERM test's)."""
     out = tmp_path / "run"
     shutil.copytree(zero2_run / "checkpoints", out / "checkpoints")
     shutil.rmtree(out / "checkpoints" / f"global_step{STEPS}")
     (out / "checkpoints" / "latest").write_text("global_step4\n")
     # 1 rank: accumulation 4 keeps the global batch at 16 sequences.
-    proc = run_deepspeed(zero_args(2, prepared_data, out, "--set", f"train.grad_accum_steps={4 // ranks}"), nproc=ranks)
-    assert ("converting to a universal checkpoint" in proc.stdout) == (ranks != 2)
+    proc = run_deepspeed(zero_args(2, prepared_data, out, "--set", "train.grad_accum_steps=4"), nproc=1)
+    assert "converting to a universal checkpoint" in proc.stdout
     got, want = train_losses(out), train_losses(zero2_run)
     assert sorted(got) == list(range(5, STEPS + 1))
-    if ranks == 2:
-        assert got == {s: want[s] for s in got}  # bit for bit: same ranks, same reductions
-    else:  # same samples in the same order; only the reduction order differs from the 2-rank run
-        np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=STAGE_ATOL)
+    # Same samples in the same order; only the reduction order differs from the 2-rank run.
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=0, atol=STAGE_ATOL)
 
 
 def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -390,8 +388,12 @@ def test_init_from_an_imported_hugging_face_model(prepared_data, zero3_run, tmp_
 # bf16 and activation checkpointing under DeepSpeed, and the speed switches of the train section,
 # on both engines. Each run is compared step by step with the fp32 run of the same engine.
 
+SHORT = 4  # steps of the runs below, compared with the first steps of the 8-step fp32 runs (same schedule)
+
+
 def _run(engine: str, manifest: Path, out: Path, *sets: str) -> dict[int, float]:
     args = ENGINE_ARGS[engine](manifest, out, "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
+                               "--set", f"train.steps={SHORT}",
                                *(a for s in sets for a in ("--set", s)))
     run_deepspeed(args)
     return train_losses(out)
@@ -404,18 +406,18 @@ def test_bf16_tracks_fp32_and_activation_checkpointing_changes_nothing(prepared_
     bf16 = _run(engine, prepared_data, tmp_path / "bf16", "train.precision=bf16")
     recomputed = _run(engine, prepared_data, tmp_path / "ac", "train.precision=bf16",
                       "train.activation_checkpointing=true")
-    steps = list(range(1, STEPS + 1))
+    steps = list(range(1, SHORT + 1))
     # Recomputing a block's forward in the backward pass repeats the same bf16 operations on
     # the same inputs: on the CPU the losses are identical to the bit.
     assert [recomputed[s] for s in steps] == [bf16[s] for s in steps]
     # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4 %), but DeepSpeed keeps fp32 master
     # weights (and, for the pipeline, fp32 gradient accumulation), so the rounding does not
-    # compound across steps: over 8 steps the loss stays within 0.2 % of fp32's (measured:
+    # compound across steps: the loss stays within 0.2 % of fp32's (measured over 8 steps:
     # ≤ 0.005 %). A bf16 path that lost the fp32 master copy or accumulated gradients in bf16
     # drifts past that; one that silently ran fp32 would match exactly, hence the second check.
     np.testing.assert_allclose([bf16[s] for s in steps], [fp32[s] for s in steps], rtol=2e-3, atol=0)
     assert any(bf16[s] != fp32[s] for s in steps), "bf16 gave fp32's losses to the bit: was it on?"
-    assert bf16[STEPS] < bf16[1] - 0.2
+    assert bf16[SHORT] < bf16[1] - 0.2
 
 
 @pytest.mark.parametrize("engine", ["zero3", "pipeline"])
@@ -426,5 +428,5 @@ def test_speed_switches_give_the_fp32_losses(prepared_data, zero3_run, pipe_run,
     got = _run(engine, prepared_data, tmp_path / "run", "train.loss_chunk_tokens=100",
                "train.activation_checkpointing=true", "train.activation_checkpointing_every=2",
                "train.attention_backend=flash")
-    steps = list(range(1, STEPS + 1))
+    steps = list(range(1, SHORT + 1))
     np.testing.assert_allclose([got[s] for s in steps], [fp32[s] for s in steps], rtol=0, atol=2e-5)
