@@ -53,15 +53,6 @@ def zero3_run(manifest, tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("zero3") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json")
 
 
-def test_export_of_a_bf16_zero3_run(manifest, tmp_path):
-    """bf16 training names ZeRO-3's optimizer files bf16_zero_pp_rank_R_..., and they hold the same
-    fp32 master weights: the export reads them and passes its logit check."""
-    run = train(tmp_path / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json", "--set", "train.precision=bf16")
-    assert glob.glob(str(run / "checkpoints" / "global_step3" / "bf16_zero_pp_rank_*_optim_states.pt"))
-    out = export(run, tmp_path / "hf", check=True)
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
-
-
 def test_fused_projections_train_like_the_unfused_model_and_export(zero3_run, manifest, tmp_path, capsys):
     """A real 2-process ZeRO-3 run with wqkv and w13: zero.Init draws the same initial weights,
     training follows the unfused run of the same seed, and the export splits the fused rows into a

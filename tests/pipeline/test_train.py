@@ -418,6 +418,13 @@ def test_bf16_tracks_fp32_and_activation_checkpointing_changes_nothing(prepared_
     np.testing.assert_allclose([bf16[s] for s in steps], [fp32[s] for s in steps], rtol=2e-3, atol=0)
     assert any(bf16[s] != fp32[s] for s in steps), "bf16 gave fp32's losses to the bit: was it on?"
     assert bf16[SHORT] < bf16[1] - 0.2
+    if engine == "zero3":
+        # bf16 runs name ZeRO's optimizer files bf16_zero_pp_rank_R_...; they hold the same fp32
+        # master weights, and the export finds them and passes its logit check.
+        from pipeline.export import export
+
+        assert list((tmp_path / "bf16" / "checkpoints" / f"global_step{SHORT}").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+        export(tmp_path / "bf16", tmp_path / "hf", check=True)
 
 
 @pytest.mark.parametrize("engine", ["zero3", "pipeline"])
