@@ -153,7 +153,7 @@ def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str
 
 
 def initial_weights(init_from: str | None, profile: Profile) -> dict | None:
-    """--init-from's weights where the engine needs them: rank 0 for ZeRO-3, every pipeline rank."""
+    """--init-from's weights where the engine needs them: rank 0 for the ZeRO engine, every pipeline rank."""
     if not init_from or not (distributed.rank() == 0 or profile.topology.engine == "pipeline"):
         return None
     try:

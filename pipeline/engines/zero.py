@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import os
-
 import deepspeed
 import numpy as np
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from pipeline import distributed
 from pipeline.config import Profile
@@ -91,7 +88,7 @@ def build_model(profile: Profile, init_state: dict[str, torch.Tensor] | None) ->
             model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
         _load_partitioned(model, init_state)  # a no-op (one broadcast) without --init-from
         return model
-    with torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))):
+    with distributed.collective_device():  # this rank's device, set by init_distributed
         model = Transformer(profile.model, seed=profile.train.seed, loss_chunk_tokens=profile.train.loss_chunk_tokens)
     if init_state is not None:
         model.load_state_dict(init_state)
