@@ -91,7 +91,7 @@ def main() -> None:
     times = []
     for step in range(args.steps):
         tic = time.perf_counter()
-        step_fn(engine, [samples.batch(micro_batch_positions(step, m, dp_rank, mb, dp, gbs)) for m in range(accum)])
+        step_fn(engine, [samples.batch(micro_batch_positions(step * gbs, m, dp_rank, mb, dp)) for m in range(accum)])
         times.append(time.perf_counter() - tic)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     if rank == 0:

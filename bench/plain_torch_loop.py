@@ -113,7 +113,7 @@ def main() -> None:
     mb, accum, gbs = t.micro_batch_size, profile.grad_accum_steps, profile.global_batch_size
 
     def batches(step):
-        return [samples.batch(micro_batch_positions(step, m, 0, mb, 1, gbs)) for m in range(accum)]
+        return [samples.batch(micro_batch_positions(step * gbs, m, 0, mb, 1)) for m in range(accum)]
 
     times = []
     for step in range(args.steps):

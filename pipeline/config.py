@@ -128,6 +128,9 @@ class TrainSection(_Section):
     eval_batches: int = Field(8, gt=0)
     checkpoint_every: int = Field(1000, ge=0)
     keep_last: int = Field(3, gt=0)
+    # Resuming on another topology converts the checkpoint first (pipeline/checkpoints.py); a
+    # conversion that takes longer stops every rank with one message instead of hanging.
+    conversion_timeout_s: int = Field(3600, gt=0)
     # Fault handling: a non-finite loss skips the step; this many in a row stop the run.
     max_consecutive_skips: int = Field(10, gt=0)
 

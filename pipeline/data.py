@@ -183,14 +183,16 @@ class PackedSamples:
         return rows[:, :-1], rows[:, 1:]
 
 
-def micro_batch_positions(step: int, micro: int, rank: int, micro_batch_size: int, data_parallel_size: int,
-                          global_batch_size: int) -> range:
-    """Global sample positions of one rank's micro-batch `micro` within optimizer step `step`.
+def micro_batch_positions(first: int, micro: int, rank: int, micro_batch_size: int,
+                          data_parallel_size: int) -> range:
+    """Global sample positions of one rank's micro-batch `micro` within the optimizer step whose
+    first position is `first` (the samples consumed before it).
 
-    Step s owns positions [s·G, (s+1)·G); its micro-batch m is the slice
-    [m·B·D, (m+1)·B·D), of which rank r reads [r·B, (r+1)·B). G = B·D·accumulation.
+    A step of global batch G owns positions [first, first + G); its micro-batch m is the slice
+    [first + m·B·D, first + (m+1)·B·D), of which rank r reads [r·B, (r+1)·B). G = B·D·accumulation.
+    Counting from consumed samples, not from step × G, keeps the order when G changes on resume.
     """
-    start = step * global_batch_size + micro * micro_batch_size * data_parallel_size + rank * micro_batch_size
+    start = first + micro * micro_batch_size * data_parallel_size + rank * micro_batch_size
     return range(start, start + micro_batch_size)
 
 

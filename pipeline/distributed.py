@@ -52,12 +52,23 @@ def _unlink_cpu_shm_buffer() -> None:
         pass
 
 
+def shutdown() -> None:
+    """End of a run that finished its work, on every rank: wait for all, then tear the process
+    group down. Left to the interpreter's exit, the group's C++ threads can still be running when
+    their objects are destroyed ("terminate called without an active exception": an abort, so
+    the launcher reports a failure for a run that completed)."""
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
-    return torch.distributed.get_rank()
+    """This process's rank; 0 without a process group (single-process tools)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size()
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def barrier() -> None:

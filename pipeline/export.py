@@ -5,7 +5,7 @@
 
 --checkpoint is a run directory (holding `checkpoints/`), the checkpoints directory itself, or
 an `--init-from` directory written by `python -m pipeline.import_hf`. Both engines' checkpoints
-are read directly from the files (`pipeline/checkpoint_io.py`), on the CPU, whatever world size
+are read directly from the files (`pipeline/checkpoint_reader.py`), on the CPU, whatever world size
 saved them, one layer at a time: weights go to disk as they are merged, so memory holds about
 one layer, never the model.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint_io import CheckpointError, open_checkpoint
+from pipeline.checkpoint_reader import CheckpointError, open_checkpoint
 from data_prep.io_utils import staged_dir
 from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, TOKENIZER_FILES, model_shapes, parse_size, save_hf_model
 from pipeline.model import ModelConfig, Transformer

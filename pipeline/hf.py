@@ -295,7 +295,7 @@ def save_hf_model(
     """Write config.json, generation_config.json and safetensors weights into `out_dir` (must exist).
 
     `state` is a state dict (our names) or an iterator yielding our names in model order, which
-    is what the checkpoint readers of `pipeline/checkpoint_io.py` produce: then only one tensor is
+    is what the checkpoint readers of `pipeline/checkpoint_reader.py` produce: then only one tensor is
     in memory at a time.
     """
     out_dir = Path(out_dir)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -51,23 +53,35 @@ def detect_peak_flops() -> tuple[str, float | None]:
 
 
 class MetricsWriter:
-    """Rank 0 writes metrics to `metrics.jsonl` and TensorBoard under `out_dir`; others write nothing."""
+    """Rank 0 writes metrics to `metrics.jsonl` and TensorBoard under `out_dir`; others write nothing.
 
-    def __init__(self, out_dir: str | Path, enabled: bool):
+    `metrics.jsonl` is strict JSON, one object per step: a non-finite value is written as null and
+    its name listed under "nonfinite" (TensorBoard gets the NaN itself). A run resumed at step S
+    first drops the records after S (steps logged after the checkpoint it resumes from, which it
+    trains again), so every step appears once; TensorBoard purges them the same way."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        path = out_dir / "metrics.jsonl"
+        if path.exists():
+            _keep_steps_up_to(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        nonfinite = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+        record = {"step": step, "time": time.time(), **{k: None if k in nonfinite else v for k, v in values.items()}}
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
@@ -76,3 +90,17 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _keep_steps_up_to(path: Path, last_step: int) -> None:
+    """Rewrite `path` without the records of steps after `last_step` (temporary file, rename)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # the torn last line of a killed run
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -12,7 +12,8 @@ listed, not just the first:
     and BOS/EOS ids are the manifest's, and the profile's model.vocab_size covers it
   * topology: the world size is a multiple of the pipeline stages (data × pipeline = world)
   * batch: micro-batch × accumulation × data-parallel size is exactly the global batch
-  * checkpoints: the output directory is writable and its filesystem has room for a checkpoint
+  * checkpoints: the output directory is writable and its filesystem has room for `keep_last`
+    checkpoints, the one being saved and a universal copy (`checkpoint_space`)
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def checkpoint_bytes(profile: Profile) -> int:
     stores 4 + 8."""
     n = profile.model.num_params()
     return n * (12 if profile.train.precision == "fp32" else 14)
+
+
+def checkpoint_space(profile: Profile) -> int:
+    """Disk the run's checkpoints need at their peak: `keep_last` complete checkpoints plus the one
+    being saved (older ones are pruned only after it is in place), plus one universal copy (fp32
+    weights, Adam m and v: 12 bytes per parameter) made when resuming on another topology."""
+    return (profile.train.keep_last + 1) * checkpoint_bytes(profile) + 12 * profile.model.num_params()
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def check_data(raw: ProfileFile, manifest_path: str | Path) -> tuple[list[str], Manifest | None]:
@@ -120,11 +132,14 @@ def check_checkpoint_dir(out_dir: str | Path, profile: Profile | None) -> list[s
         return [f"checkpoints: {ckpt}: not writable ({e.strerror or e})"]
     if profile is None:
         return []
-    need = checkpoint_bytes(profile)
-    free = shutil.disk_usage(ckpt).free
-    if free < need:
-        return [f"checkpoints: {ckpt}: {free / 2**30:.1f} GiB free, one checkpoint of "
-                f"{profile.model.num_params() / 1e9:.2f} B parameters needs {need / 2**30:.1f} GiB"]
+    need = checkpoint_space(profile)
+    # Checkpoints already there are replaced or pruned in turn, so their space counts as available.
+    have = shutil.disk_usage(ckpt).free + sum(_bytes_under(d) for d in ckpt.glob("global_step*") if d.is_dir())
+    if have < need:
+        return [f"checkpoints: {ckpt}: {have / 2**30:.1f} GiB free (counting its checkpoints), but "
+                f"train.keep_last={profile.train.keep_last} checkpoints plus the one being saved "
+                f"({checkpoint_bytes(profile) / 2**30:.1f} GiB each for {profile.model.num_params() / 1e9:.2f} B "
+                f"parameters) and a universal copy for a resume on another topology need {need / 2**30:.1f} GiB"]
     return []
 
 

@@ -6,7 +6,8 @@ Run through the DeepSpeed launcher, one process per device:
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module pipeline.train --profile ds_configs/tiny_cpu.json --out runs/tiny
 
 Writes under --out: `profile.json` (the fully resolved profile), `checkpoints/` (DeepSpeed
-checkpoints, `latest` naming the newest complete one), `metrics.jsonl` and `tensorboard/`.
+checkpoints, `latest` naming the newest complete one), `metrics.jsonl` and `tensorboard/`, and
+`preempted` when a SIGTERM or SIGUSR1 stopped the run early (a batch script requeues on it).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import psutil
 import torch
 
 from pipeline import distributed
-from pipeline.checkpoint import CheckpointError, Checkpoints
+from pipeline.checkpoint_reader import CheckpointError
+from pipeline.checkpoints import Checkpoints
 from pipeline.config import Profile, ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
-from pipeline.distributed import all_reduce_sum, barrier, init_distributed, world_size
+from pipeline.distributed import all_reduce_sum, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
 from pipeline.model import ModelConfig
@@ -51,15 +53,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits.
+    Made first thing in `main`, so a signal during start-up (engine build, resume, a universal
+    conversion) is kept: the run then stops before its first step instead of being killed."""
 
     def __init__(self):
         self.requested = False
+        self.signal = ""
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.requested = True
+        self.signal = signal.Signals(signum).name
+
+
+PREEMPTED = "preempted"  # OUT/preempted: written when a signal stopped the run before train.steps
 
 
 def all_ranks_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
@@ -119,13 +128,20 @@ def check_preflight(profile: Profile, args: argparse.Namespace, world: int, rank
 
 
 def write_run_files(ckpts: Checkpoints, profile: Profile, out: Path) -> dict:
-    """OUT/profile.json (the resolved profile, with the manifest's absolute path); returns it."""
+    """OUT/profile.json (the resolved profile, with the manifest's absolute path); returns it.
+    Removes the `preempted` mark of the previous attempt."""
     profile_dict = profile.resolved_dict()
     profile_dict["data"]["manifest"] = str(Path(profile.data.manifest).resolve())
-    if distributed.rank() == 0:
-        ckpts.root.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
-    ckpts.run_id  # collective: every rank learns the run's id before the first save
+    try:
+        if distributed.rank() == 0:
+            ckpts.root.mkdir(parents=True, exist_ok=True)
+            (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+            (out / PREEMPTED).unlink(missing_ok=True)
+        ckpts.run_id  # collective: every rank learns the run's id before the first save
+    except OSError as e:
+        raise StartError(f"error: {e.filename or out}: {e.strerror or e}", only_rank0=False) from None
+    except CheckpointError as e:
+        raise StartError(f"error: {e}", only_rank0=False) from None
     return profile_dict
 
 
@@ -137,13 +153,13 @@ def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str
     """The tag to load (None: start fresh) and the profile to build the engine with (told to
     read a universal checkpoint when the topology changed since the tag was written)."""
     if resume == "none":
-        if ckpts.latest():
+        if (ckpts.root / "latest").exists():
             raise StartError(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out")
         return None, profile
-    tag = ckpts.latest() if resume == "auto" else resume
-    if not tag:
-        return None, profile
     try:
+        tag = ckpts.latest() if resume == "auto" else resume
+        if not tag:
+            return None, profile
         load_tag, universal = ckpts.prepare_resume(tag, topology_of(profile))
     except CheckpointError as e:
         raise StartError(f"error: {e}") from None
@@ -167,9 +183,11 @@ class Trainer:
     """The loop, one named step at a time: train step, metrics, evaluation, checkpoint, stop."""
 
     def __init__(self, profile: Profile, manifest: Manifest, engine, ckpts: Checkpoints, profile_dict: dict,
-                 out: Path, start_step: int):
+                 out: Path, preempt: Preemption, start_step: int = 0, consumed: int = 0):
         self.profile, self.engine, self.ckpts, self.profile_dict = profile, engine, ckpts, profile_dict
+        self.out, self.preempt = out, preempt
         self.start_step = self.step = start_step
+        self.consumed = consumed  # samples of the train order used so far: where the next step starts
         self.rank, self.world = distributed.rank(), world_size()
         t = profile.train
         self.train_samples = open_split(manifest, "train", profile.data.seq_len, profile.data.seed, profile.data.mixture)
@@ -178,8 +196,7 @@ class Trainer:
                             if manifest.split_shards("validation") and t.eval_every else None)
         self.flops_per_token = flops_per_token(profile.model, profile.data.seq_len)
         self.device_kind, self.peak_flops = detect_peak_flops()
-        self.metrics = MetricsWriter(out, enabled=self.rank == 0)
-        self.preempt = Preemption()
+        self.metrics = MetricsWriter(out, enabled=self.rank == 0, resume_step=start_step)
         self.faults = FaultInjection.from_env()
         self.skips = SkipTracker(t.max_consecutive_skips, already_skipped=engine.skipped_steps)
         self.spikes = LossSpikeDetector()
@@ -188,26 +205,30 @@ class Trainer:
         if self.rank == 0:
             print(line, flush=True, **kw)
 
-    def micro_batches(self, samples, step: int) -> list:
+    def micro_batches(self, samples, first: int) -> list:
+        """This rank's micro-batches of the step whose first sample position is `first`."""
         p = self.profile
-        return [samples.batch(micro_batch_positions(step, m, self.engine.dp_rank, p.train.micro_batch_size,
-                                                    p.data_parallel_size, p.global_batch_size))
+        return [samples.batch(micro_batch_positions(first, m, self.engine.dp_rank, p.train.micro_batch_size,
+                                                    p.data_parallel_size))
                 for m in range(p.grad_accum_steps)]
 
     def train_step(self) -> tuple[float, bool]:
         """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop)."""
-        local = self.engine.train_step(self.micro_batches(self.train_samples, self.step),
+        local = self.engine.train_step(self.micro_batches(self.train_samples, self.consumed),
                                        poison=self.step + 1 in self.faults.nan_steps)
         self.step += 1
+        self.consumed += self.profile.global_batch_size
         return all_ranks_mean_and_any(local, self.preempt.requested)
 
-    def step_metrics(self, loss: float, elapsed: float) -> dict:
+    def step_metrics(self, loss: float, lr: float, elapsed: float) -> dict:
+        """The step's metrics; `lr` is the rate the step used, `elapsed` its time alone (without
+        evaluation or checkpointing, which are logged apart)."""
         p = self.profile
         tokens_per_s = p.tokens_per_step / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
-        values = {"train/loss": loss, "train/lr": self.engine.lr, "perf/tokens_per_s": tokens_per_s,
+        values = {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s,
                   "perf/tflops_per_device": tflops, "perf/step_time_s": elapsed,
-                  "data/consumed_samples": self.step * p.global_batch_size, "train/skipped_steps": self.skips.total,
+                  "data/consumed_samples": self.consumed, "train/skipped_steps": self.skips.total,
                   "train/loss_spikes": self.spikes.spikes}
         if self.engine.grad_norm is not None:
             values["train/grad_norm"] = self.engine.grad_norm
@@ -220,7 +241,9 @@ class Trainer:
         return values
 
     def evaluate(self) -> float:
-        losses = [self.engine.eval_loss(self.micro_batches(self.val_samples, b)) for b in range(self.profile.train.eval_batches)]
+        gbs = self.profile.global_batch_size  # the same validation samples at every evaluation
+        losses = [self.engine.eval_loss(self.micro_batches(self.val_samples, b * gbs))
+                  for b in range(self.profile.train.eval_batches)]
         return all_ranks_mean(sum(losses) / len(losses))
 
     def eval_due(self) -> bool:
@@ -246,8 +269,8 @@ class Trainer:
 
     def checkpoint(self) -> None:
         # After skipped steps the weights are still those from before the trouble.
-        meta = {"consumed_samples": self.step * self.profile.global_batch_size, "world_size": self.world,
-                **topology_of(self.profile)}
+        meta = {"consumed_samples": self.consumed, "global_batch_size": self.profile.global_batch_size,
+                "world_size": self.world, **topology_of(self.profile)}
         saved = self.ckpts.save(self.engine, self.step, meta, self.profile_dict, self.faults)
         self.say(f"checkpoint {self.ckpts.root / saved}")
 
@@ -257,18 +280,23 @@ class Trainer:
 
     def run(self) -> int:
         t = self.profile.train
-        tic = time.perf_counter()
+        if all_ranks_mean_and_any(0.0, self.preempt.requested)[1]:  # a signal during start-up
+            return self.stop_preempted("before its first step")
         while self.step < t.steps:
+            lr, tic = self.engine.lr, time.perf_counter()  # the rate this step uses
             loss, stop = self.train_step()
+            values = self.step_metrics(loss, lr, time.perf_counter() - tic)
             skipped, spike = self.skips.update(self.engine.skipped_steps), self.spikes.update(loss)
-            elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-            values = self.step_metrics(loss, elapsed)
             if self.eval_due():
+                tic = time.perf_counter()
                 values["val/loss"] = self.evaluate()
-            self.metrics.log(self.step, values)
+                values["perf/eval_time_s"] = time.perf_counter() - tic
             self.report(loss, values, skipped, spike)
             if self.checkpoint_due(stop):
+                tic = time.perf_counter()
                 self.checkpoint()
+                values["perf/checkpoint_time_s"] = time.perf_counter() - tic
+            self.metrics.log(self.step, values)
             if self.skips.exhausted:
                 self.say(f"error: {self.skips.consecutive} consecutive steps had a non-finite loss or gradient norm "
                          f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopped at step {self.step}. The "
@@ -278,14 +306,21 @@ class Trainer:
                 self.metrics.close()
                 return 3
             if stop:
-                self.say(f"preempted: stopped after step {self.step}; resume with --resume auto")
-                break
+                return self.stop_preempted(f"after step {self.step}")
         self.metrics.close()
-        barrier()
+        return 0
+
+    def stop_preempted(self, when: str) -> int:
+        """A signal asked the run to stop: mark OUT/preempted for the batch script and exit 0."""
+        self.metrics.close()
+        if self.rank == 0:
+            (self.out / PREEMPTED).write_text(json.dumps({"step": self.step, "signal": self.preempt.signal}) + "\n")
+        self.say(f"preempted ({self.preempt.signal or 'signal on another rank'}): stopped {when}; "
+                 "resume with --resume auto")
         return 0
 
 
-def start(args: argparse.Namespace) -> Trainer:
+def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     """Everything before the first step: profile, preflight, process group, resume point, engine."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -295,7 +330,7 @@ def start(args: argparse.Namespace) -> Trainer:
     check_preflight(profile, args, world, rank)
     init_distributed()
     out = Path(args.out)
-    ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last)
+    ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last, profile.train.conversion_timeout_s)
     profile_dict = write_run_files(ckpts, profile, out)
     load_tag, profile = resume_point(ckpts, args.resume, profile)
     init_state = initial_weights(args.init_from, profile) if not load_tag else None
@@ -306,15 +341,8 @@ def start(args: argparse.Namespace) -> Trainer:
     del init_state
     if args.init_from and not load_tag and rank == 0:
         print(f"initialised from {args.init_from}", flush=True)
-    start_step = 0
-    if load_tag:
-        try:
-            start_step = ckpts.load(engine, load_tag)
-        except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
-            raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
-        if rank == 0:
-            print(f"resumed from {ckpts.root / load_tag} at step {start_step}", flush=True)
-    trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, start_step)
+    start_step, consumed = resume_state(ckpts, engine, load_tag, profile)
+    trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, preempt, start_step, consumed)
     p, t = profile, profile.train
     trainer.say(f"training {p.model.num_params() / 1e6:.2f}M parameters | engine {p.topology.engine} | "
                 f"world {world} (data-parallel {p.data_parallel_size}) | batch {p.global_batch_size} × "
@@ -323,15 +351,43 @@ def start(args: argparse.Namespace) -> Trainer:
     return trainer
 
 
+def resume_state(ckpts: Checkpoints, engine, load_tag: str | None, profile: Profile) -> tuple[int, int]:
+    """(step, consumed samples) to continue from: (0, 0), or the checkpoint's, loaded into `engine`.
+    The data position is the saved sample count, not step × batch: a run resumed with another
+    global batch (a world-size-derived batch on fewer ranks) continues with the next unseen sample."""
+    if not load_tag:
+        return 0, 0
+    rank = distributed.rank()
+    try:
+        meta = ckpts.load(engine, load_tag)
+    except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
+        raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
+    step, consumed = meta["step"], meta["consumed_samples"]
+    saved_batch = meta.get("global_batch_size", consumed // max(step, 1))
+    if rank == 0:
+        print(f"resumed from {ckpts.root / load_tag} at step {step}", flush=True)
+        if saved_batch != profile.global_batch_size:
+            print(f"global batch changed since {load_tag.removesuffix('_universal')}: {saved_batch} → {profile.global_batch_size} sequences "
+                  f"(world size {meta.get('world_size')} → {world_size()}); continuing from sample {consumed}, the "
+                  "next unseen one", flush=True)
+    return step, consumed
+
+
 def main(argv=None) -> int:
+    preempt = Preemption()  # before any long work: a signal during start-up is not lost
     args = parse_args(argv)
     try:
-        trainer = start(args)
+        trainer = start(args, preempt)
+        code = trainer.run()
     except StartError as e:
         if str(e) and (not e.only_rank0 or int(os.environ.get("RANK", 0)) == 0):
             print(e, file=sys.stderr, flush=True)
         return 2
-    return trainer.run()
+    except CheckpointError as e:  # a save that could not be written: one line, naming the path
+        print(f"error (rank {int(os.environ.get('RANK', 0))}): {e}", file=sys.stderr, flush=True)
+        return 2
+    distributed.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ def run_deepspeed(module_args: list[str], nproc: int = 2, env: dict | None = Non
     return proc
 
 
+def _not_json(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl, parsed as strict JSON (NaN or Infinity fail)."""
+    return [json.loads(line, parse_constant=_not_json) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -3,8 +3,6 @@ the topology."""
 
 from __future__ import annotations
 
-from pipeline.checkpoint import use_safe_loading
-
 
 class EngineBase:
     engine = None  # the DeepSpeed engine, set by the subclass through `_wrap`
@@ -12,7 +10,6 @@ class EngineBase:
     def _wrap(self, ds_engine) -> None:
         self.engine = ds_engine
         self.device = ds_engine.device
-        use_safe_loading(ds_engine)
 
     @property
     def skipped_steps(self) -> int:
@@ -29,7 +26,7 @@ class EngineBase:
         return None if norm is None else float(norm)
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        # `latest` is written by pipeline/checkpoint.py once every rank has finished.
+        # `latest` is written by pipeline/checkpoints.py once every rank has finished.
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: str, tag: str) -> dict:

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.checkpoint_io import PipelineReader
+from pipeline.checkpoint_reader import PipelineReader
 from pipeline.engines.pipe import BlockLayer, EmbeddingLayer, HeadLayer, pipeline_name
 from pipeline.config import TrainSection
 from pipeline.engines.blocks import prepare_blocks

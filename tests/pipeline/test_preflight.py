@@ -105,15 +105,32 @@ def test_missing_manifest_and_mixture(tmp_path):
     assert len(failures) == 1 and "manifest not found" in failures[0]
 
 
-def test_room_for_a_checkpoint(prep, tmp_path, monkeypatch):
+def test_room_for_keep_last_checkpoints_and_a_conversion(prep, tmp_path, monkeypatch):
     import pipeline.preflight as pf
 
     resolved = load_profile(TINY, 2, vocab_size=_vocab(prep))
-    need = checkpoint_bytes(resolved)
-    assert need == resolved.model.num_params() * 12  # fp32 profile: weights 4 + Adam 8
-    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
-    failures = run_preflight(resolved, prep / "shards" / "manifest.json", tmp_path / "run", 2)
-    assert len(failures) == 1 and "GiB free" in failures[0] and "needs" in failures[0]
+    one = checkpoint_bytes(resolved)
+    assert one == resolved.model.num_params() * 12  # fp32 profile: weights 4 + Adam 8
+    keep = resolved.train.keep_last
+    assert keep == 2
+    # Room for two checkpoints passed before; keep_last=2, the one being saved and a universal
+    # copy need 3 checkpoints + 12 bytes per parameter. (Failed on the old check.)
+    need = (keep + 1) * one + 12 * resolved.model.num_params()
+    free = {"bytes": 2 * one}
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, free["bytes"]))
+    manifest = prep / "shards" / "manifest.json"
+    failures = run_preflight(resolved, manifest, tmp_path / "run", 2)
+    assert len(failures) == 1 and "train.keep_last=2" in failures[0] and "universal" in failures[0], failures
+    free["bytes"] = need
+    assert run_preflight(resolved, manifest, tmp_path / "run", 2) == []
+    # The checkpoints already there count as available: they are replaced or pruned in turn.
+    old = tmp_path / "run" / "checkpoints" / "global_step10"
+    old.mkdir(parents=True)
+    (old / "shard.pt").write_bytes(b"\0" * 1000)
+    free["bytes"] = need - 1000
+    assert run_preflight(resolved, manifest, tmp_path / "run", 2) == []
+    free["bytes"] = need - 1001
+    assert len(run_preflight(resolved, manifest, tmp_path / "run", 2)) == 1
 
 
 def test_cli(prep, tmp_path, capsys):

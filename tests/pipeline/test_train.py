@@ -102,6 +102,15 @@ def test_metrics_in_jsonl_and_tensorboard(zero3_run):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss"} <= tags
     assert len(acc.Scalars("train/loss")) == STEPS
+    # The rate each step used (failed first: the next step's was logged): linear warmup over 2
+    # steps to the peak 3e-3, then cosine to 10 % of it at step 8.
+    peak, warmup = 3e-3, 2
+    want = [peak * (s + 1) / warmup if s < warmup else
+            peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (STEPS - warmup)))) for s in range(STEPS)]
+    np.testing.assert_allclose([r["train/lr"] for r in records], want, rtol=1e-12)
+    # Evaluation and checkpoint time are reported apart from the step time (at steps 4 and 8).
+    assert [r["step"] for r in records if "perf/eval_time_s" in r] == [4, 8]
+    assert [r["step"] for r in records if "perf/checkpoint_time_s" in r] == [4, 8]
 
 
 def test_pipeline_two_stages_trains(pipe_run):
@@ -125,7 +134,7 @@ def reference_losses(manifest: Path, steps: int) -> list[float]:
     samples = open_split(Manifest.load(manifest), "train", profile.data.seq_len, profile.data.seed)
     losses = []
     for step in range(steps):
-        x, y = samples.batch(micro_batch_positions(step, 0, 0, 16, 1, 16))
+        x, y = samples.batch(micro_batch_positions(step * 16, 0, 0, 16, 1))
         loss = causal_lm_loss(model(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad()
         loss.backward()
@@ -206,15 +215,17 @@ def test_sigterm_checkpoints_and_resume_reproduces_losses(prepared_data, zero3_r
         p.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-4000:]
-    assert "preempted: stopped after step" in output
+    assert "preempted (SIGTERM): stopped after step" in output
     stopped = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
     assert 1 <= stopped < STEPS, "the run finished before the signal arrived"
+    assert json.loads((out / "preempted").read_text()) == {"step": stopped, "signal": "SIGTERM"}  # for sbatch
 
     run_deepspeed(zero3_args(prepared_data, out, "--resume", "auto"))
     got, want = train_losses(out), train_losses(zero3_run)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Bit-for-bit: same data order, same optimizer state, same reductions.
     assert got == want
+    assert not (out / "preempted").exists()
 
     # Same step, same weights, but another run: the export refuses to mix their files.
     from pipeline.export import ExportError, export
@@ -294,7 +305,7 @@ def test_optimizer_offload_uses_deepspeeds_cpu_adam_with_the_same_losses(prepare
 def test_samples_of_a_step_do_not_depend_on_world_size():
     def step_positions(step, dp, mb, gbs):
         accum = gbs // (mb * dp)
-        return sorted(p for m in range(accum) for r in range(dp) for p in micro_batch_positions(step, m, r, mb, dp, gbs))
+        return sorted(p for m in range(accum) for r in range(dp) for p in micro_batch_positions(step * gbs, m, r, mb, dp))
 
     for step in (0, 7):
         want = list(range(step * 48, (step + 1) * 48))
@@ -303,18 +314,59 @@ def test_samples_of_a_step_do_not_depend_on_world_size():
         assert step_positions(step, 3, 8, 48) == want
 
 
-def test_kill_during_save_leaves_previous_checkpoint_loadable(prepared_data, tmp_path):
-    out = tmp_path / "run"
+def _start(module_args: list[str], nproc: int) -> subprocess.Popen:
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--module", *module_args]
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_during_save_then_resume_on_fewer_ranks_with_a_derived_batch(prepared_data, tmp_path):
+    """Every rank killed mid-save; then the run resumes on 1 rank. The profile derives the global
+    batch from the world size (2 × 4 × 2 = 16 sequences; on 1 rank 8), as tiny_cpu.json does."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     proc = run_deepspeed(zero3_args(prepared_data, out), env=cpu_env(PIPELINE_KILL_DURING_SAVE_STEP=str(STEPS)),
                          check=False)
     assert proc.returncode != 0
-    ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "global_step4"
-    assert (ckpts / f"global_step{STEPS}").is_dir()  # the partial one is there, but not pointed to
-    # The previous checkpoint loads: resuming continues from step 4 and completes.
-    resumed = run_deepspeed(zero3_args(prepared_data, out, "--resume", "auto"))
-    assert "global_step4 at step 4" in resumed.stdout
-    assert (ckpts / "latest").read_text().strip() == f"global_step{STEPS}"
+    # The partial save lies in .staging, never under its final name (failed first: written in place,
+    # so a later save of that step on fewer ranks kept the stale rank-1 files beside its own).
+    assert (ckpts / ".staging" / f"global_step{STEPS}").is_dir()
+    assert not (ckpts / f"global_step{STEPS}").exists()
+
+    # A SIGUSR1 while rank 0 converts to a universal checkpoint (long work before the first step) is
+    # kept, not fatal (failed first: the default action killed the process): the run stops before
+    # its first step, exits 0 and leaves the `preempted` mark.
+    launcher = _start(zero3_args(prepared_data, out), nproc=1)
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if "converting to a universal checkpoint" in line:
+            for p in _workers(launcher):
+                p.send_signal(signal.SIGUSR1)
+            break
+    output = "".join(lines) + launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, output[-4000:]
+    assert "preempted (SIGUSR1): stopped before its first step" in output
+    assert json.loads((out / "preempted").read_text())["step"] == 4
+    assert (ckpts / "global_step4_universal").is_dir()  # the conversion finished regardless
+
+    # The next start continues from the next unseen sample (failed first: from step × the new batch,
+    # replaying samples 40..63) and says the batch changed.
+    resumed = run_deepspeed(zero3_args(prepared_data, out), nproc=1)
+    assert "converting" not in resumed.stdout
+    assert ("global batch changed since global_step4: 16 → 8 sequences (world size 2 → 1); continuing from "
+            "sample 64, the next unseen one") in resumed.stdout
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # the killed run's steps 5-7 dropped
+    assert [r["data/consumed_samples"] for r in records] == [16, 32, 48, 64, 72, 80, 88, 96]
+    meta = json.loads((ckpts / f"global_step{STEPS}" / "meta.json").read_text())
+    assert (meta["consumed_samples"], meta["global_batch_size"], meta["world_size"]) == (96, 8, 1)
+    assert not (out / "preempted").exists() and not (ckpts / ".staging" / f"global_step{STEPS}").exists()
+    # The re-saved step 8 holds only the 1-rank run's files: the export merges it.
+    from pipeline.export import export
+
+    export(out, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_injected_nan_is_skipped_and_counted(prepared_data, tmp_path):
@@ -324,8 +376,8 @@ def test_injected_nan_is_skipped_and_counted(prepared_data, tmp_path):
     # DeepSpeed's CPU shared-memory all-reduce segments of this run were unlinked (they would
     # otherwise stay in RAM-backed /dev/shm, 66 MB per rank per run).
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
-    records = {r["step"]: r for r in read_metrics(out)}
-    assert math.isnan(records[2]["train/loss"])
+    records = {r["step"]: r for r in read_metrics(out)}  # strict JSON (failed first: NaN was written)
+    assert records[2]["train/loss"] is None and "train/loss" in records[2]["nonfinite"]
     assert records[1]["train/skipped_steps"] == 0
     assert records[4]["train/skipped_steps"] == 1
     assert math.isfinite(records[4]["train/loss"]) and records[4]["train/loss"] < records[1]["train/loss"]

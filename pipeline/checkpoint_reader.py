@@ -33,10 +33,11 @@ Pipeline (`topology.engine == "pipeline"`, `PipelineModule.save_state_dict`):
     layer_{idx:02d}-model_states.pt   idx 0: embedding, 1..L: block idx-1, L+1: final norm + head
                                       (deepspeed/runtime/pipe/module.py, `ckpt_layer_path`)
 
-Files are opened with `torch.load(weights_only=True, mmap=True)`. The only non-tensor objects
-in them are a few DeepSpeed classes in the optimizer files (`ZeroStageEnum`, the loss scaler,
-ZeRO-1/2's `fragment_address`); they are mapped to an inert stand-in, so nothing from the file
-is executed and DeepSpeed need not be installed. A rank's optimizer file is re-opened for every
+Files are opened with `safe_torch_load` (weights_only=True, one allow-list, `ALLOWED_GLOBALS`,
+shared with the trainer) and memory-mapped. The only non-tensor objects in them are a few
+DeepSpeed classes in the optimizer files (`ZeroStageEnum`, the loss scaler, ZeRO-1/2's
+`fragment_address`); the export maps them to an inert stand-in, so nothing from the file is
+executed and DeepSpeed need not be installed. A rank's optimizer file is re-opened for every
 layer and closed after it, so the pages of the memory map touched for one layer are released
 before the next: peak memory stays near one layer, whatever the model size.
 """
@@ -44,8 +45,10 @@ before the next: peak memory stays near one layer, whatever the model size.
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +59,23 @@ from pipeline.model import ModelConfig
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file."""
+    """A checkpoint that cannot be read or written as asked; the message names the file."""
+
+
+# The only non-tensor objects DeepSpeed pickles into the files the trainer writes, listed with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 (fp32, bf16, fp16),
+# pipeline + ZeRO-1 and universal checkpoints. Everything else in them is tensors and plain
+# containers. One list for every reader: the trainer, the universal conversion and the export.
+ALLOWED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 runs
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2's param_slice_mappings
+)
 
 
 class _Opaque:
-    """Inert stand-in for the few DeepSpeed objects pickled into checkpoint files."""
+    """Inert stand-in for the allowed DeepSpeed objects, where only the tensors are wanted."""
 
     def __init__(self, *args, **kwargs):
         self.args = args
@@ -69,23 +84,51 @@ class _Opaque:
         self.state = state
 
 
-_DEEPSPEED_GLOBALS = [
-    (_Opaque, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),  # fp16 runs
-    (_Opaque, "deepspeed.utils.tensor_fragment.fragment_address"),  # ZeRO-1/2's param_slice_mappings
-]
+def _deepspeed_classes() -> list:
+    """The allowed globals as DeepSpeed's own classes (for loading into a DeepSpeed engine)."""
+    import importlib
+
+    return [getattr(importlib.import_module(name.rpartition(".")[0]), name.rpartition(".")[2])
+            for name in ALLOWED_GLOBALS]
+
+
+_torch_load = torch.load  # the unpatched function, whatever `safe_loading` does to torch.load
+
+
+def safe_torch_load(path, map_location=None, *, real_classes: bool = True, mmap: bool = False, **_ignored):
+    """torch.load with weights_only=True and only ALLOWED_GLOBALS: a tampered file cannot run code
+    when it is loaded. `real_classes`: DeepSpeed's classes (needs DeepSpeed), else inert stand-ins.
+    Any other keyword (DeepSpeed passes weights_only=False) is overridden."""
+    allowed = _deepspeed_classes() if real_classes else [(_Opaque, name) for name in ALLOWED_GLOBALS]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return _torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unpickling refused"
+        raise CheckpointError(f"{path}: refused to load a pickled object outside the allow-list "
+                              f"(pipeline/checkpoint_reader.py ALLOWED_GLOBALS): {reason}") from None
+    except Exception as e:  # RuntimeError on a truncated zip, OSError, ...
+        raise CheckpointError(f"{path}: cannot be read ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+@contextmanager
+def safe_loading():
+    """Every torch.load in the block (DeepSpeed's checkpoint engine, its universal-checkpoint
+    loader and `ds_to_universal`, which all pass weights_only=False) goes through
+    `safe_torch_load`."""
+    torch.load = safe_torch_load
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
 
 
 def load_file(path: Path) -> dict:
-    """torch.load with weights_only=True (plus the allow-list above) and a memory map."""
-    try:
-        with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as e:  # UnpicklingError, RuntimeError on a truncated zip, ...
-        raise CheckpointError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
+    """A checkpoint file for reading its tensors without DeepSpeed: safe, memory-mapped, DeepSpeed's
+    objects replaced by inert stand-ins."""
+    return safe_torch_load(path, map_location="cpu", real_classes=False, mmap=True)
 
 
 def layer_units(names) -> list[list[str]]:
