@@ -24,14 +24,14 @@ PEAK_FLOPS = {
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6·N + 12·L·d·T.
 
-    6N: forward (2N) plus backward (4N) multiply-adds over the N non-embedding-lookup weights
-    (the input embedding is a lookup, so its V·d parameters are excluded; the output head is a
-    matmul and counts). 12·L·d·T: the attention scores and weighted sum, QKᵀ and AV, each
+    6N: forward (2N) plus backward (4N) multiply-adds over the N weights that multiply
+    activations: every projection and the output head (the input embedding is a lookup and the
+    RMSNorm gains an element-wise scale, so their V·d and (2L + 1)·d parameters are excluded). 12·L·d·T: the attention scores and weighted sum, QKᵀ and AV, each
     2·T·d per token per layer forward, ×3 for forward+backward. No causal discount (the
     convention of PaLM's MFU and of most published MFU figures); activation recomputation is
     not counted, so MFU stays comparable with and without activation checkpointing.
     """
-    n = cfg.num_params() - cfg.vocab_size * cfg.dim
+    n = cfg.num_params() - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 

@@ -27,7 +27,9 @@ def lr_factor(step: int, warmup: int, decay_steps: int, min_ratio: float) -> flo
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+    if step >= decay_steps:  # the cosine ends at decay_steps; flat at the floor after it
+        return min_ratio
+    progress = (step - warmup) / (decay_steps - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

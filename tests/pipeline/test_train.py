@@ -283,9 +283,24 @@ def test_pipeline_resumes_with_other_stages_and_data_parallel_size(prepared_data
     shutil.rmtree(out / "checkpoints" / f"global_step{STEPS}")
     (out / "checkpoints" / "latest").write_text("global_step4\n")
     # 2 stages × 1 replica → 1 stage × 2 replicas, same global batch of 16.
-    proc = run_deepspeed(common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json",
-                                "--set", "topology.pipeline_stages=1", "--set", "train.micro_batch_size=8",
-                                "--set", "train.grad_accum_steps=1"))
+    args = common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json",
+                  "--set", "topology.pipeline_stages=1", "--set", "train.micro_batch_size=8",
+                  "--set", "train.grad_accum_steps=1")
+    # First with a tampered file: rank 0's conversion refuses it (failed first: DeepSpeed's converter
+    # unpickled it with weights_only=False), and rank 1, waiting on the filesystem, stops too: one
+    # message, no hang.
+    f = out / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt"
+    saved = f.read_bytes()
+    state = torch.load(f, weights_only=False)
+    state["note"] = _Payload(tmp_path / "pwned")
+    torch.save(state, f)
+    proc = run_deepspeed(args, check=False, timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert output.count("refused to load a pickled object outside the allow-list") == 1, output[-4000:]
+    assert not (tmp_path / "pwned").exists()
+    f.write_bytes(saved)
+    proc = run_deepspeed(args)
     assert "converting to a universal checkpoint" in proc.stdout
     got, want = train_losses(out), train_losses(pipe_run)
     assert sorted(got) == list(range(5, STEPS + 1))
