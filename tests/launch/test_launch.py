@@ -137,3 +137,45 @@ def test_two_nodes_simulated_through_slurm_script(tmp_path, prepared_data):
     assert "world 2 (data-parallel 2)" in logs[0]
     assert "--no_ssh --node_rank 1" in logs[1] and "exit status 0" in logs[1]
     assert sorted(p.name for p in (out / "logs").glob("launch-node*.log"))[0].startswith("launch-node0-")
+
+
+REQUEUE_SCONTROL = """#!/bin/bash
+# stand-in for scontrol: `show hostnames LIST`, and `requeue JOB` recorded in $FAKE_SCONTROL_LOG
+if [[ $1 == requeue ]]; then echo "$*" >> "$FAKE_SCONTROL_LOG"; exit 0; fi
+printf 'node0\\n'
+"""
+STOPPED_SRUN = """#!/bin/bash
+# stand-in for srun whose trainers a signal stopped early: they exit 0 and leave OUT/preempted
+echo '{"step": 7, "signal": "SIGUSR1"}' > "$OUT_DIR/preempted"
+"""
+FINISHED_SRUN = """#!/bin/bash
+# stand-in for srun whose trainers finished their steps
+exit 0
+"""
+
+
+@pytest.mark.parametrize("srun, restarts, requeued, code", [
+    (STOPPED_SRUN, "0", True, 0),      # failed first: a stopped run was never requeued
+    (STOPPED_SRUN, "20", False, 1),    # MAX_REQUEUES reached: stop, and say so
+    (FINISHED_SRUN, "0", False, 0),    # a finished run is not requeued
+])
+def test_slurm_script_requeues_a_run_stopped_by_a_signal(tmp_path, srun, restarts, requeued, code):
+    """The batch file's end: the trainer side (SIGUSR1 → checkpoint, OUT/preempted, exit 0) is
+    tested through the launcher in tests/pipeline/test_train.py."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", REQUEUE_SCONTROL), ("srun", srun)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    log = tmp_path / "scontrol.log"
+    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node0", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1",
+               MASTER_ADDR="127.0.0.1", SLURM_RESTART_COUNT=restarts, FAKE_SCONTROL_LOG=str(log))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert (log.read_text() == "requeue 4242\n") if requeued else not log.exists()
+    if requeued:
+        assert "stopped early" in r.stdout and "requeueing job 4242 (restart 1)" in r.stdout
+    if restarts == "20":
+        assert "requeued 20 times already (MAX_REQUEUES)" in r.stderr
