@@ -38,6 +38,7 @@ from pipeline.model import ModelConfig, RopeScaling
 CARRIED = ("rope_theta", "norm_eps", "max_seq_len", "rope_scaling")
 SHAPE = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size")
 EMBEDDING_ROWS = ("tok_embeddings.weight", "output.weight")
+UNKNOWN = b"\0unk"  # the unknown token, matched by role across tokenizers (as bos and eos are)
 
 
 class InitFromError(ValueError):
@@ -166,7 +167,9 @@ def compare_tokenizers(path: Path, meta: dict, manifest: Manifest, remap: bool) 
     for i, b in enumerate(theirs):
         if b is not None:
             index.setdefault(b, i)
-    return torch.tensor([index.get(b, -1) if b is not None else -1 for b in data])
+    # A token keeps its id where both agree (byte pieces and "▁" can stand for the same bytes).
+    return torch.tensor([i if i < len(theirs) and theirs[i] == b else index.get(b, -1) if b is not None else -1
+                         for i, b in enumerate(data)])
 
 
 def _piece(tokens: list, i: int) -> str:
@@ -174,14 +177,16 @@ def _piece(tokens: list, i: int) -> str:
 
 
 def sentencepiece_tokens(model_file: Path) -> list[bytes | None]:
-    """The bytes each id of a SentencePiece model stands for (None: control and unknown pieces)."""
+    """The bytes each id of a SentencePiece model stands for (None: control pieces; UNKNOWN: <unk>)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     out: list[bytes | None] = []
     for i in range(sp.get_piece_size()):
         piece = sp.id_to_piece(i)
-        if sp.is_control(i) or sp.is_unknown(i):
+        if sp.is_unknown(i):
+            out.append(UNKNOWN)
+        elif sp.is_control(i):
             out.append(None)
         elif sp.is_byte(i):
             out.append(bytes([int(piece[3:5], 16)]))  # <0xNN>
@@ -205,18 +210,22 @@ def _byte_level_decoder() -> dict[str, int]:
 
 def tokenizer_json_tokens(path: Path) -> list[bytes | None]:
     """The bytes each id of a `tokenizers` file stands for: byte-level BPE (Llama 3, SmolLM2) or
-    SentencePiece-style ("▁" for a space, <0xNN> byte pieces); added special tokens are None."""
+    SentencePiece-style ("▁" for a space, <0xNN> byte pieces); added special tokens are None,
+    the unknown token UNKNOWN."""
     spec = json.loads(path.read_text())
     vocab = dict(spec["model"]["vocab"])
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    unk = spec["model"].get("unk_token")
     vocab.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
     decode = _byte_level_decoder()
     out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
     for piece, i in vocab.items():
-        if piece in special:
+        if piece == unk:
+            out[i] = UNKNOWN
+        elif piece in special:
             continue
-        if byte_level and all(c in decode for c in piece):
+        elif byte_level and all(c in decode for c in piece):
             out[i] = bytes(decode[c] for c in piece)
         elif not byte_level and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             out[i] = bytes([int(piece[3:5], 16)])
