@@ -255,6 +255,13 @@ def test_export_bf16_with_verify_loads_anywhere(zero3_run, tmp_path, capsys):
     assert cfg["torch_dtype"] == "bfloat16"
     assert cfg["max_position_embeddings"] == json.loads((zero3_run / "profile.json").read_text())["data"]["seq_len"]
     assert json.loads((out / "generation_config.json").read_text())["do_sample"] is False
+    from pipeline import generate
+
+    texts = []
+    for seed in ("1", "2"):  # greedy unless --sample: the seed changes nothing
+        assert generate.main([str(out), "--max-new-tokens", "6", "--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
     from safetensors import safe_open
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
