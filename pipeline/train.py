@@ -156,7 +156,7 @@ def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str
 def initial_weights(init, profile: Profile):
     """--init-from's weights where the engine needs them: rank 0 for the ZeRO engine, every pipeline
     rank (each reading only its stage's tensors)."""
-    if not init or not (distributed.rank() == 0 or profile.topology.engine == "pipeline"):
+    if not init or not (profile.topology.engine == "pipeline" or distributed.rank() == 0):
         return None
     return init.weights()
 

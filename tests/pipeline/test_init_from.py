@@ -110,8 +110,47 @@ def test_remap_vocab_carries_rows_over_by_token(manifest, base, tmp_path):
         adopt(profile(manifest), manifest, base, remap=True)
 
 
+def test_a_pipeline_stage_reads_only_its_own_tensors(manifest, base, monkeypatch):
+    """What the trainer hands a pipeline rank reads nothing until its stage asks, then only that
+    stage's tensors (not the whole fp32 model on every rank)."""
+    import safetensors
+
+    from pipeline.train import initial_weights
+
+    read = []
+    real = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.h = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, attr):  # keys, get_slice: headers only
+            return getattr(self.h, attr)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.h.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    pipe = load_profile(REPO / "ds_configs" / "tiny_cpu_pipeline.json", 2,
+                        [f"data.manifest={manifest.path}", "model.max_seq_len=null"], vocab_size=manifest.tokenizer.vocab_size)
+    init = adopt(pipe, manifest, base)
+    weights = initial_weights(init, init.profile)
+    assert read == []
+    last_stage = [n for n in weights if n.startswith("layers.1.") or n in ("norm.weight", "output.weight")]
+    for name in last_stage:
+        weights[name]
+    assert sorted(read) == sorted(last_stage)
+
+
 def test_weights_are_read_per_tensor_in_the_runs_layout(manifest, base):
-    """A pipeline stage asks for its own layers only: nothing else is read."""
     init = adopt(profile(manifest, "model.fused_projections=true"), manifest, base)
     weights = init.weights()
     assert "layers.1.attention.wqkv.weight" in weights and "layers.1.attention.wq.weight" not in weights
