@@ -242,7 +242,8 @@ def provenance_rows(base: dict | None, tokens: int | None) -> tuple[str, list[st
     """The card's sentence on where the weights come from, and its rows on the base model."""
     if not base:
         return "Pretrained from scratch with this repository's DeepSpeed trainer.", []
-    rows = [f"| base model | {base.get('base_model') or 'unknown'} |", f"| base model licence | {base.get('license') or 'unknown'} |",
+    rows = [f"| base model | {base.get('base_model') or 'unknown'} |", f"| base model source | {base.get('source') or 'unknown'} |",
+            f"| base model licence | {base.get('license') or 'unknown'} |",
             f"| base model tokens | {_tokens(base.get('base_tokens'))} |"]
     if tokens is not None and isinstance(base.get("base_tokens"), int):
         rows.append(f"| tokens in total (base + this run) | {base['base_tokens'] + tokens:,} |")

@@ -11,7 +11,7 @@ training has kept them equal. INIT_DIR receives:
     model.safetensors   every parameter under our names (`pipeline/hf.py`), fp32, model order
     model.json          `ModelConfig.to_dict()`; --init-from carries rope_theta, norm_eps, context
                         length and rope_scaling from it into the run (`pipeline/init_from.py`)
-    import.json         provenance (base model, source, licence, tokens it was trained on, whether
+    import.json         provenance (base model, its Hub address, licence, tokens it was trained on, whether
                         its embeddings were tied) and its bos/eos ids
     tokenizer files     copied when HF_DIR has them (tokenizer.model, tokenizer.json, ...)
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -133,7 +134,10 @@ def provenance(hf_dir: Path, hf: dict, base_model: str | None, license: str | No
     name = base_model or front.get("base_model") or hf.get("_name_or_path") or hf_dir.resolve().name
     if Path(name).is_absolute():
         name = Path(name).name  # a local path says nothing to the card's readers and leaks the machine's layout
-    return {"base_model": name, "license": license or front.get("license") or "unknown", "base_tokens": base_tokens}
+    # A Hugging Face Hub id ("org/name") says where the weights can be had; a bare name does not.
+    source = f"https://huggingface.co/{name}" if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else "unpublished (local copy)"
+    return {"base_model": name, "source": source, "license": license or front.get("license") or "unknown",
+            "base_tokens": base_tokens}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, base_model: str | None = None, license: str | None = None,

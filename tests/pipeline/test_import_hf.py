@@ -203,6 +203,7 @@ def test_family_import_train_export(family, tmp_path):
     cfg, state = load_init_dir(tmp_path / "init")
     meta = json.loads((tmp_path / "init" / "import.json").read_text())
     assert meta["base_model"] == f"org/{family}" and meta["license"] == "test-licence"
+    assert meta["source"] == f"https://huggingface.co/org/{family}" and str(tmp_path) not in json.dumps(meta)
     tied = FAMILIES[family]["tie_word_embeddings"]
     assert meta["tied_embeddings"] is tied
     assert torch.equal(state["output.weight"], state["tok_embeddings.weight"]) is tied

@@ -52,7 +52,8 @@ def test_imported_settings_are_carried_and_recorded(manifest, base):
     assert m.rope_scaling.rope_type == "llama3" and m.rope_scaling.original_max_position_embeddings == 1024
     saved = init.profile.resolved_dict()  # what profile.json beside every checkpoint holds
     assert saved["model"]["rope_theta"] == 500000.0 and saved["model"]["rope_scaling"]["factor"] == 8.0
-    assert saved["base_model"] == {"base_model": "org/base-3", "license": "llama3.2", "base_tokens": 9_000_000,
+    assert saved["base_model"] == {"base_model": "org/base-3", "source": "https://huggingface.co/org/base-3",
+                                   "license": "llama3.2", "base_tokens": 9_000_000,
                                    "tied_embeddings": False, "context": 2048, "vocabulary_remapped": False}
     assert json.dumps(saved)  # JSON as written
 
