@@ -123,6 +123,8 @@ def adopt(profile: Profile, manifest: Manifest, path: str | Path, remap: bool = 
     rows = compare_tokenizers(path, meta, manifest, remap)
     if rows is None and remap:
         raise InitFromError(f"{path}: --remap-vocab given but the imported tokenizer is the data's; drop the flag")
+    if rows is not None and len(rows) < model.vocab_size:  # a vocabulary padded beyond the tokenizer's
+        rows = torch.cat([rows, torch.full((model.vocab_size - len(rows),), -1)])
     base = {k: meta.get(k) for k in ("base_model", "source", "license", "base_tokens", "tied_embeddings")}
     base.update(context=src.max_seq_len, vocabulary_remapped=rows is not None)
     return InitFrom(path, profile.model_copy(update={"model": model, "base_model": base}), src, rows)
