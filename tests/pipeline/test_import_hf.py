@@ -231,4 +231,9 @@ def test_family_import_train_export(family, tmp_path):
     assert (trained / INIT_WEIGHTS).exists()
     out = export(trained, tmp_path / "out", check=True)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False  # the head moved
+    if tied:
+        from pipeline.export import ExportError
+
+        with pytest.raises(ExportError, match="tying would change the model"):
+            export(trained, tmp_path / "forced", tie="yes")
     logits_equal(out, model, tokens)
