@@ -3,6 +3,7 @@
 #   make test        the test suite (real DeepSpeed processes on the CPU)
 #   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md)
 #   make gpu-wheels  on a machine with a registry: the wheel directory for a GPU machine without one
+#   make tf4-env     transformers 4.x beside the 5.x of the main venv (the export's tokenizer must load in both)
 PYTHON ?= python3
 VENV   ?= .venv
 OUT    ?= runs/demo
@@ -15,7 +16,10 @@ WHEELS   ?=
 # make gpu-wheels: HAVE=FILE is `python3 -m pip freeze` of the GPU machine (what it need not be sent).
 HAVE     ?=
 
-.PHONY: demo test install clean-demo gpu-check gpu-install gpu-wheels
+# transformers 4.x, tokenizers only (no torch): the test that exported tokenizers load in 4.x runs in it.
+TF4_VENV ?= .venv-tf4
+
+.PHONY: demo test install clean-demo gpu-check gpu-install gpu-wheels tf4-env
 
 install: $(VENV)/.installed
 
@@ -29,8 +33,15 @@ demo: install
 	VENV=$(VENV) OUT=$(OUT) bash launch/demo.sh
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
+test: install tf4-env
+	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
+
+tf4-env: $(TF4_VENV)/.installed
+
+$(TF4_VENV)/.installed:
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/pip install --quiet "transformers>=4.57,<5" sentencepiece protobuf
+	touch $@
 
 clean-demo:
 	rm -rf $(OUT)

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from pipeline.hf import model_shapes  # noqa: E402
 from pipeline.model import ModelConfig  # noqa: E402
@@ -144,17 +145,20 @@ def write_zero3_checkpoint(root: Path, cfg: ModelConfig, world: int, step: int =
 
 
 def stub_prepared_data(root: Path, vocab_size: int) -> Path:
-    """A manifest naming a tokenizer directory of stub files (the export only copies them)."""
+    """A manifest naming a small real SentencePiece model trained on this repository's docs (the
+    export writes the transformers files from it); no shards."""
+    from data_prep.config import TokenizerConfig
+    from data_prep.tokenizer import train_sentencepiece
+
     tok, shards = root / "tokenizer", root / "shards"
-    tok.mkdir(parents=True)
-    shards.mkdir()
-    (tok / "tokenizer.model").write_bytes(b"stub tokenizer model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (tok / name).write_text("{}\n")
+    shards.mkdir(parents=True)
+    sample = root / "sample.txt"
+    sample.write_text("\n".join(f.read_text() for f in sorted((REPO / "docs").glob("*.md"))))
+    model = train_sentencepiece(sample, tok, TokenizerConfig(vocab_size=min(vocab_size, 1000)), threads=1)
     manifest = {"format": "arrow-token-shards", "version": 1, "column": "input_ids", "dtype": "uint16",
                 "add_bos": True, "add_eos": True,
                 "tokenizer": {"model": "../tokenizer/tokenizer.model",
-                              "sha256": hashlib.sha256(b"stub tokenizer model").hexdigest(),
+                              "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
                               "vocab_size": vocab_size, "bos_id": 1, "eos_id": 2, "pad_id": -1, "unk_id": 0},
                 "shards": [], "splits": {}}
     (shards / "manifest.json").write_text(json.dumps(manifest))
@@ -162,8 +166,9 @@ def stub_prepared_data(root: Path, vocab_size: int) -> Path:
 
 
 def bench_profile(cfg: ModelConfig, manifest: Path) -> dict:
-    return {"model": {"preset": "custom", **cfg.to_dict()}, "data": {"manifest": str(manifest)},
-            "train": {"global_batch_tokens": 8 * 2048}, "topology": {"engine": "zero3"}}
+    return {"model": {"preset": "custom", **cfg.to_dict()}, "data": {"manifest": str(manifest), "seq_len": cfg.max_seq_len},
+            "train": {"global_batch_tokens": 8 * 2048}, "topology": {"engine": "zero3"},
+            "deepspeed": {"zero_optimization": {"stage": 3}}}
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,11 @@ def staged_dir(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes the directory 0700; renamed into place that would lock out every other user
+    # (a shared cluster, a serving container). Give it the mode mkdir would: 0777 less the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         os.replace(tmp, final)

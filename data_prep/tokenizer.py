@@ -135,6 +135,8 @@ def export_hf(model_file: Path, out_dir: Path) -> None:
     cfg_path = tmp / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["legacy"] = False
+    # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; this one loads in both.
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     # "<s>" typed in a document is text to SentencePiece; without this, transformers would
     # turn it into the BOS id.
     cfg["split_special_tokens"] = True

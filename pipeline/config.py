@@ -49,6 +49,8 @@ class ModelSection(_Section):
     norm_eps: float | None = Field(None, gt=0)
     rope_theta: float | None = Field(None, gt=0)
     init_std: float | None = Field(None, gt=0)
+    # {"rope_type": "linear" | "llama3", "factor": ..., ...} as Hugging Face writes it (pipeline/model.py RopeScaling).
+    rope_scaling: dict[str, Any] | None = None
     # One GEMM for q, k, v and one for gate and up (see pipeline/model.py); changes parameter names.
     fused_projections: bool = False
 
@@ -181,6 +183,8 @@ class Profile(BaseModel):
     grad_accum_steps: int
     global_batch_size: int  # sequences per optimizer step, all ranks
     deepspeed: dict[str, Any]  # complete DeepSpeed config, no "auto" left
+    # --init-from: the imported model's provenance (pipeline/init_from.py), recorded in every checkpoint.
+    base_model: dict[str, Any] | None = None
 
     @property
     def train(self) -> TrainSection:
@@ -214,6 +218,8 @@ class Profile(BaseModel):
         out["train"].update(grad_accum_steps=self.grad_accum_steps, global_batch_size=self.global_batch_size,
                             global_batch_tokens=self.tokens_per_step)
         out["deepspeed"] = self.deepspeed
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
         return out
 
 

@@ -1,7 +1,8 @@
 """Export a training checkpoint to a Hugging Face `LlamaForCausalLM` directory.
 
     python -m pipeline.export --checkpoint runs/demo/train --out runs/demo/hf \
-        [--tag latest|global_stepN] [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--verify]
+        [--tag latest|global_stepN] [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--verify] \
+        [--tokenizer DIR] [--tie-embeddings auto|yes|no]
 
 --checkpoint is a run directory (holding `checkpoints/`), the checkpoints directory itself, or
 an `--init-from` directory written by `python -m pipeline.import_hf`. Both engines' checkpoints
@@ -9,14 +10,25 @@ are read directly from the files (`pipeline/checkpoint_reader.py`), on the CPU, 
 saved them, one layer at a time: weights go to disk as they are merged, so memory holds about
 one layer, never the model.
 
-The output holds config.json, generation_config.json, `model-0000k-of-0000n.safetensors` with
-`model.safetensors.index.json`, the tokenizer (tokenizer.model plus the files AutoTokenizer
-reads) and a model card. It is written under a temporary name and renamed when complete, so a
+The output holds config.json (max_position_embeddings: the context the weights were trained
+for), generation_config.json (greedy decoding unless a caller asks to sample),
+`model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`, the tokenizer
+(tokenizer.model plus files that transformers 4.x and 5.x load as `PreTrainedTokenizerFast`) and
+a model card (base model, licence and tokens for continued pretraining; no local paths). It is
+written under a temporary name and renamed when complete, readable as the umask allows, so a
 directory named OUT is always whole; on any error nothing is left behind.
 
---verify runs a batch through our model and through the exported `transformers` model and
-fails (exit 3, no output) if the largest logit difference exceeds the dtype's tolerance; it also
-checks that AutoTokenizer gives the SentencePiece model's ids. See docs/export.md.
+The tokenizer is the data-prep one the checkpoint's manifest names, or --tokenizer DIR (a
+directory holding its tokenizer.model; checked against the manifest's sha256 when the manifest is
+still there). --tie-embeddings: a base model imported with tied embeddings is exported tied when
+the head still equals the embedding ("auto", which then reads the checkpoint twice); "yes"
+requires them equal, "no" never ties.
+
+--verify loads the exported files in fp32 with `transformers` and compares their logits with our
+model's whose weights are cast to --dtype and back: the same function, so the fp32 tolerance
+holds at any dtype and a wrong mapping (say gate and up swapped) cannot pass; it fails (exit 3,
+no output) past it. It also checks that AutoTokenizer gives the SentencePiece model's ids. See
+docs/export.md.
 """
 
 from __future__ import annotations
@@ -35,11 +47,10 @@ from data_prep.io_utils import staged_dir
 from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, TOKENIZER_FILES, model_shapes, parse_size, save_hf_model
 from pipeline.model import ModelConfig, Transformer
 
-
-# Largest logit difference allowed by --verify, relative to max(1, largest |logit|) of our fp32
-# model: fp32 only sees summation-order noise; bf16 keeps 8 mantissa bits (~4e-3 relative per
-# rounding), fp16 keeps 11, and the errors of a few hundred roundings per logit add up.
-VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest logit difference allowed by --verify, relative to max(1, largest |logit|): both sides
+# compute in fp32 from the same (cast) weights, so only summation order differs.
+VERIFY_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
@@ -87,6 +98,7 @@ class Source:
             self.cfg = ModelConfig(**json.loads((path / INIT_CONFIG).read_text()))
             meta = path / "import.json"
             self.meta = json.loads(meta.read_text()) if meta.exists() else {}
+            self.base = {**self.meta, "context": self.cfg.max_seq_len}
             from safetensors import safe_open
 
             with safe_open(str(path / INIT_WEIGHTS), framework="pt") as fh:  # headers only, no tensor data
@@ -97,6 +109,7 @@ class Source:
         self.root, self.tag = find_checkpoint(path, tag)
         self.dir = self.root / self.tag
         self.profile = read_run_profile(self.dir)
+        self.base = self.profile.get("base_model")  # None: pretrained from scratch
         self.cfg = model_config_from_profile(self.profile)
         try:
             self.reader = open_checkpoint(self.dir, self.profile["topology"]["engine"], self.cfg,
@@ -128,42 +141,85 @@ class Source:
         else:
             yield from self.reader.tensors()
 
-    def model(self) -> Transformer:
-        """Our model with the checkpoint's weights, in fp32 (for --verify)."""
+    def model(self, dtype: str = "fp32") -> Transformer:
+        """Our model with the checkpoint's weights cast to `dtype` and back to fp32 (for --verify)."""
         with torch.device("meta"):
             model = Transformer(self.cfg)
-        model.load_state_dict({n: t.float() for n, t in self.tensors()}, assign=True)
+        model.load_state_dict({n: t.to(DTYPES[dtype]).float() for n, t in self.tensors()}, assign=True)
         return model.eval()
 
+    def context(self) -> int:
+        """The context the weights were trained for: the run's sequence length, or the base
+        model's context when that is longer (continued pretraining on shorter samples keeps it)."""
+        if self.profile is None:
+            return self.cfg.max_seq_len
+        trained = self.profile["data"]["seq_len"]
+        return max(trained, (self.base or {}).get("context") or 0)
 
-def copy_tokenizer(src: Source, out: Path) -> dict:
-    """Copy the tokenizer files; returns bos/eos ids and where the data came from."""
+    def embeddings_equal(self) -> bool:
+        """Whether the head equals the embedding bit for bit (a pass over the weights)."""
+        embedding = None
+        for name, t in self.tensors():
+            if name == "tok_embeddings.weight":
+                embedding = t
+            elif name == "output.weight":
+                return torch.equal(embedding, t)
+        return False
+
+
+def copy_tokenizer(src: Source, out: Path, tokenizer_dir: str | Path | None = None) -> dict:
+    """Write the tokenizer files; returns bos/eos ids, the data's description and the model file."""
     if src.init_dir:
         for name in TOKENIZER_FILES:
             if (src.dir / name).exists():
                 shutil.copy2(src.dir / name, out / name)
+        loadable_in_4x(out / "tokenizer_config.json")
         return {"bos_id": src.meta.get("bos_token_id", 1), "eos_id": src.meta.get("eos_token_id", 2),
-                "manifest": None, "raw": {}, "model": src.dir / "tokenizer.model"}
+                "data": None, "model": src.dir / "tokenizer.model"}
+    from data_prep.tokenizer import export_hf
     from pipeline.data import Manifest, ManifestError
 
+    manifest_path = Path(src.profile["data"]["manifest"])
     try:
-        manifest = Manifest.load(src.profile["data"]["manifest"])
+        manifest = Manifest.load(manifest_path)
     except ManifestError as e:
-        raise ExportError(f"{src.dir / 'profile.json'}: data.manifest: {e}") from None
-    tok = manifest.tokenizer
-    if not tok.model_path.exists():
-        raise ExportError(f"{tok.model_path}: tokenizer model missing (named by {manifest.path})")
-    digest = hashlib.sha256(tok.model_path.read_bytes()).hexdigest()
-    if digest != tok.sha256:
-        raise ExportError(f"{tok.model_path}: sha256 {digest[:12]}… differs from the manifest's {tok.sha256[:12]}…; "
-                          "the tokenizer changed after the data was tokenized")
-    for name in TOKENIZER_FILES:
-        path = tok.directory / name
-        if not path.exists():
-            raise ExportError(f"{path}: tokenizer file missing (the data-prep tokenizer directory must hold {TOKENIZER_FILES})")
-        shutil.copy2(path, out / name)
-    return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "manifest": str(manifest.path), "raw": manifest.raw,
-            "model": tok.model_path}
+        if tokenizer_dir is None or manifest_path.exists():
+            hint = "" if manifest_path.exists() else "; pass --tokenizer DIR (the directory of its tokenizer.model)"
+            raise ExportError(f"{src.dir / 'profile.json'}: data.manifest: {e}{hint}") from None
+        manifest = None
+    model = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir else manifest.tokenizer.model_path
+    if not model.exists():
+        hint = "" if tokenizer_dir else " (named by the data manifest); pass --tokenizer DIR if it moved"
+        raise ExportError(f"{model}: tokenizer model missing{hint}")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    if manifest is not None:
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        if digest != manifest.tokenizer.sha256:
+            raise ExportError(f"{model}: sha256 {digest[:12]}… differs from the manifest's {manifest.tokenizer.sha256[:12]}…; "
+                              "not the tokenizer the data was tokenized with")
+    elif sp.get_piece_size() > src.cfg.vocab_size:
+        raise ExportError(f"{model}: {sp.get_piece_size()} pieces, more than the model's vocabulary {src.cfg.vocab_size}")
+    shutil.copy2(model, out / "tokenizer.model")
+    export_hf(out / "tokenizer.model", out)  # the transformers files, made from the model itself
+    bos, eos = (manifest.tokenizer.bos_id, manifest.tokenizer.eos_id) if manifest else (sp.bos_id(), sp.eos_id())
+    data = None
+    if manifest is not None:
+        train_tokens = manifest.raw.get("splits", {}).get("train", {}).get("tokens")
+        sources = sorted({s.source for s in manifest.shards})
+        data = {"name": f"{manifest.path.parent.parent.name}/{manifest.path.parent.name}/{manifest.path.name}",
+                "train_tokens": train_tokens, "sources": sources}
+    return {"bos_id": bos, "eos_id": eos, "data": data, "model": out / "tokenizer.model"}
+
+
+def loadable_in_4x(config: Path) -> None:
+    """transformers 5 writes "tokenizer_class": "TokenizersBackend", a name 4.x does not know;
+    PreTrainedTokenizerFast reads the same tokenizer.json in both."""
+    if config.exists():
+        cfg = json.loads(config.read_text())
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            config.write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, sort_keys=True) + "\n")
 
 
 def final_loss(metrics_file: Path, step: int | None) -> float | None:
@@ -178,18 +234,43 @@ def final_loss(metrics_file: Path, step: int | None) -> float | None:
     return loss
 
 
-def model_card(src: Source, data: dict, dtype: str, verified: dict | None) -> str:
+def _tokens(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "unknown"
+
+
+def provenance_rows(base: dict | None, tokens: int | None) -> tuple[str, list[str]]:
+    """The card's sentence on where the weights come from, and its rows on the base model."""
+    if not base:
+        return "Pretrained from scratch with this repository's DeepSpeed trainer.", []
+    rows = [f"| base model | {base.get('base_model') or 'unknown'} |", f"| base model source | {base.get('source') or 'unknown'} |",
+            f"| base model licence | {base.get('license') or 'unknown'} |",
+            f"| base model tokens | {_tokens(base.get('base_tokens'))} |"]
+    if tokens is not None and isinstance(base.get("base_tokens"), int):
+        rows.append(f"| tokens in total (base + this run) | {base['base_tokens'] + tokens:,} |")
+    if base.get("vocabulary_remapped"):
+        rows.append("| vocabulary | remapped to the data's tokenizer (rows carried over by token) |")
+    return (f"Continued pretraining of {base.get('base_model') or 'an imported model'} with this repository's "
+            "DeepSpeed trainer; the base model's licence applies.", rows)
+
+
+def model_card(src: Source, data: dict, dtype: str, verified: dict | None, tied: bool) -> str:
     cfg = src.cfg
-    head = ["---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
-            f"# LLaMA-architecture model, {cfg.num_params() / 1e6:.1f}M parameters", ""]
+    licence = (src.base or {}).get("license")
+    head = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    head += [f"license: {licence}"] if licence and licence != "unknown" else []
+    head += [f"base_model: {src.base['base_model']}"] if src.base and src.base.get("base_model") else []
+    head += ["---", "", f"# LLaMA-architecture model, {cfg.num_params() / 1e6:.1f}M parameters", ""]
     arch = (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.kv_heads} KV), FFN {cfg.ffn_dim}, "
-            f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+            f"vocab {cfg.vocab_size}, context {src.context()}, rope theta {cfg.rope_theta:g}"
+            + (f", rope scaling {cfg.rope_scaling.rope_type} ×{cfg.rope_scaling.factor:g}" if cfg.rope_scaling else "")
+            + (", tied embeddings" if tied else ""))
     check = (f"largest logit difference {verified['max_abs_diff']:.3g} vs the training model "
              f"(tolerance {verified['tolerance']:.3g})" if verified else "not run (use --verify)")
     if src.init_dir:
-        rows = [f"| architecture | {arch} |", f"| converted from | {src.meta.get('source', 'unknown')} |",
-                f"| weights | {dtype} |", f"| verification | {check} |"]
-        return "\n".join(head + ["Converted by this repository's `pipeline.import_hf`.", "", "| | |", "|---|---|", *rows, ""])
+        intro, rows = provenance_rows(src.base, None)
+        rows = [f"| architecture | {arch} |", *rows, f"| weights | {dtype} |", f"| verification | {check} |"]
+        return "\n".join(head + ["Converted by this repository's `pipeline.import_hf`, not trained further.", "",
+                                 "| | |", "|---|---|", *rows, ""])
     profile, tag = src.profile, src.tag
     step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else None
     if "consumed_samples" in src.meta and "seq_len" in profile.get("data", {}):
@@ -197,46 +278,52 @@ def model_card(src: Source, data: dict, dtype: str, verified: dict | None) -> st
     else:
         tokens = step * profile["train"]["global_batch_tokens"] if step is not None else None
     loss = final_loss(src.root.parent / "metrics.jsonl", step)
-    train_tokens = data["raw"].get("splits", {}).get("train", {}).get("tokens", "?")
+    intro, base_rows = provenance_rows(src.base, tokens)
+    d = data["data"]
+    described = (f"{d['name']} ({_tokens(d['train_tokens'])} training tokens; sources: {', '.join(d['sources'])})"
+                 if d else "unknown (data manifest not available at export)")
     rows = [
         f"| architecture | {arch} |",
+        *base_rows,
         f"| checkpoint | {tag} |",
         f"| steps | {step} |",
-        f"| tokens seen | {tokens:,} |" if tokens is not None else "| tokens seen | unknown |",
+        f"| tokens seen in this run | {tokens:,} |" if tokens is not None else "| tokens seen in this run | unknown |",
         f"| final training loss | {loss:.4f} |" if loss is not None else "| final training loss | unknown |",
         f"| engine | {profile['topology']['engine']} |",
-        f"| data | {data['manifest']} ({train_tokens} training tokens) |",
+        f"| data | {described} |",
         f"| weights | {dtype} |",
         f"| verification | {check} |",
     ]
-    return "\n".join(head + ["Pretrained from scratch with this repository's DeepSpeed trainer.", "",
-                             "| | |", "|---|---|", *rows, "",
-                             "## Training profile", "", "```json", json.dumps(profile, indent=2), "```", ""])
+    # The profile as trained, without the machine's paths (the card is published).
+    shown = json.loads(json.dumps(profile))
+    shown["data"]["manifest"] = Path(profile["data"]["manifest"]).name
+    return "\n".join(head + [intro, "", "| | |", "|---|---|", *rows, "",
+                             "## Training profile", "", "```json", json.dumps(shown, indent=2), "```", ""])
 
 
 def verify(src: Source, hf_dir: Path, dtype: str, tokenizer_model: Path | None, seed: int = 0) -> dict:
-    """Logits of our fp32 model vs the exported `transformers` model on one batch; tokenizer ids
-    of AutoTokenizer vs SentencePiece on a sample text. Raises ExportError past the tolerance."""
+    """Logits of the exported `transformers` model loaded in fp32 vs our model with the weights
+    cast to `dtype` and back: the same numbers on both sides, so a difference past summation-order
+    noise is a wrong mapping at any dtype. Tokenizer ids of AutoTokenizer vs SentencePiece on a
+    sample text. Raises ExportError past the tolerance."""
     from transformers import AutoModelForCausalLM
 
     cfg = src.cfg
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=g)
-    ours = src.model()
+    ours = src.model(dtype)
     with torch.no_grad():
         ref = ours(tokens)
     del ours
-    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                                 "fp16": torch.float16}[dtype]).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        got = theirs(tokens).logits.float()
+        got = theirs(tokens).logits
     diff = (got - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    tol = VERIFY_TOLERANCE[dtype] * scale
+    tol = VERIFY_TOLERANCE * max(1.0, ref.abs().max().item())
     result = {"max_abs_diff": diff, "tolerance": tol, "tokens": tuple(tokens.shape)}
     if not diff <= tol:  # also catches NaN
-        raise ExportError(f"verification failed: largest logit difference {diff:.3g} exceeds the {dtype} tolerance "
-                          f"{tol:.3g}; the export is not equivalent to the checkpoint")
+        raise ExportError(f"verification failed: largest logit difference {diff:.3g} exceeds the tolerance {tol:.3g} "
+                          f"(both in fp32 from the {dtype} weights); the export is not equivalent to the checkpoint")
     if tokenizer_model is not None and (hf_dir / "tokenizer.model").exists():
         import sentencepiece as spm
         from transformers import AutoTokenizer
@@ -251,26 +338,41 @@ def verify(src: Source, hf_dir: Path, dtype: str, tokenizer_model: Path | None, 
     return result
 
 
+def choose_tied(src: Source, mode: str) -> bool:
+    """Whether lm_head is exported tied to the embedding (see --tie-embeddings)."""
+    if mode == "no" or (mode == "auto" and not (src.base or {}).get("tied_embeddings")):
+        return False
+    if src.embeddings_equal():
+        return True
+    if mode == "yes":
+        raise ExportError("--tie-embeddings yes: the head differs from the embedding after training; tying would "
+                          "change the model (use auto or no)")
+    return False
+
+
 def export(checkpoint: str | Path, out: str | Path, tag: str = "latest", dtype: str = "fp32",
-           max_shard_size: str = "5GB", check: bool = False) -> Path:
-    if dtype not in VERIFY_TOLERANCE:
-        raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(VERIFY_TOLERANCE)}")
+           max_shard_size: str = "5GB", check: bool = False, tokenizer: str | Path | None = None,
+           tie: str = "auto") -> Path:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     parse_size(max_shard_size)
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out}: already exists; choose another --out or remove it")
     src = Source(checkpoint, tag)  # every input check happens before anything is written
+    tied = choose_tied(src, tie)
     with staged_dir(out) as tmp:
-        data = copy_tokenizer(src, tmp)
+        data = copy_tokenizer(src, tmp, tokenizer)
         try:
-            save_hf_model(src.tensors(), src.cfg, tmp, dtype, max_shard_size, data["bos_id"], data["eos_id"])
+            save_hf_model(src.tensors(), src.cfg, tmp, dtype, max_shard_size, data["bos_id"], data["eos_id"],
+                          src.context(), tied)
         except CheckpointError as e:
             raise ExportError(str(e)) from None
         verified = verify(src, tmp, dtype, data["model"]) if check else None
         if verified:
             print(f"verified: largest logit difference {verified['max_abs_diff']:.3g} "
                   f"(tolerance {verified['tolerance']:.3g}); tokenizer {verified.get('tokenizer', 'not checked')}")
-        (tmp / "README.md").write_text(model_card(src, data, dtype, verified))
+        (tmp / "README.md").write_text(model_card(src, data, dtype, verified, tied))
     return out
 
 
@@ -283,9 +385,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default)")
     p.add_argument("--verify", action="store_true", help="compare logits with our model; fail past the tolerance")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory holding the run's tokenizer.model, where the data-prep "
+                                                      "directory the checkpoint names is gone (another machine)")
+    p.add_argument("--tie-embeddings", default="auto", choices=["auto", "yes", "no"],
+                   help="export lm_head tied to the embedding: auto (default) when the base model was tied and the "
+                        "two are still equal; yes (they must be equal); no")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_size, args.verify)
+        out = export(args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_size, args.verify,
+                     args.tokenizer, args.tie_embeddings)
     except (ExportError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 3 if str(e).startswith("verification failed") else 2

@@ -15,8 +15,9 @@ def main(argv=None) -> int:
     p.add_argument("model_dir", help="Hugging Face directory written by pipeline.export")
     p.add_argument("--prompt", default="Licensed under the", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", action="store_true",
+                   help="sample (temperature 0.8, top-p 0.95) instead of greedy decoding, the deterministic default")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --sample")
     args = p.parse_args(argv)
 
     import torch
@@ -26,9 +27,10 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    sampling = {"do_sample": True, "top_p": 0.95, "temperature": 0.8} if args.sample else {"do_sample": False}
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                             top_p=0.95, temperature=0.8, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                             **sampling)
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 

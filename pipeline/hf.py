@@ -13,11 +13,11 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from pipeline.model import ModelConfig
+from pipeline.model import ModelConfig, RopeScaling
 
 # The tokenizer files of a Hugging Face LLaMA directory (data_prep writes them; export and import copy them).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -43,6 +43,7 @@ _FUSED = {
     "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
     "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
 }
+TIED_HEAD = "lm_head.weight"  # not written when the export ties it to model.embed_tokens.weight
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_MAP.items()}
@@ -67,8 +68,11 @@ def from_hf_name(name: str) -> str:
     raise KeyError(f"Hugging Face parameter {name!r} is not part of a LLaMA model")
 
 
-def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32", bos_id: int = 1, eos_id: int = 2) -> dict:
-    """The `config.json` of a `LlamaForCausalLM` equal to `cfg`."""
+def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32", bos_id: int = 1, eos_id: int = 2,
+                   max_positions: int | None = None, tied: bool = False) -> dict:
+    """The `config.json` of a `LlamaForCausalLM` equal to `cfg`. `max_positions`: the context the
+    weights were trained for (default `cfg.max_seq_len`); `tied`: lm_head shares the embedding.
+    rope_scaling is written in the transformers 4.x form, which 5.x also reads."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -79,14 +83,14 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32", bos_id: int =
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
+        "max_position_embeddings": max_positions or cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": asdict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "initializer_range": cfg.init_std,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -95,12 +99,26 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32", bos_id: int =
     }
 
 
+def rope_scaling_from_hf(hf: dict) -> RopeScaling | None:
+    """`rope_scaling` (transformers 4.x, "type" in older files) or `rope_parameters` (5.x) of a
+    config.json; None for plain rotary embeddings. Types our model lacks raise ValueError."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in RopeScaling.TYPES:
+        raise ValueError(f"rope_scaling: rope_type={kind!r} is not supported (only 'default', "
+                         f"{', '.join(repr(t) for t in RopeScaling.TYPES)})")
+    fields = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+              if k in rope and (kind == "llama3" or k == "factor")}
+    return RopeScaling(rope_type=kind, **fields)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face LLaMA `config.json` (dict)."""
+    """The `ModelConfig` of a Hugging Face LLaMA `config.json` (dict). Tied embeddings are not
+    part of it: the importer unties them (exactly: the head becomes a copy of the embedding)."""
     if hf.get("model_type") != "llama":
         raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'llama'")
-    if hf.get("tie_word_embeddings"):
-        raise ValueError("config.json: tie_word_embeddings=true is not supported (LLaMA unties them)")
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     cfg = ModelConfig(
         dim=hf["hidden_size"],
@@ -113,6 +131,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope_theta),
         init_std=hf.get("initializer_range", 0.02),
+        rope_scaling=rope_scaling_from_hf(hf),
     )
     if hf.get("head_dim") not in (None, cfg.head_dim):
         raise ValueError(f"config.json: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={cfg.head_dim}")
@@ -291,21 +310,31 @@ def save_hf_model(
     max_shard_size: str | int = "5GB",
     bos_id: int = 1,
     eos_id: int = 2,
+    max_positions: int | None = None,
+    tied: bool = False,
 ) -> None:
     """Write config.json, generation_config.json and safetensors weights into `out_dir` (must exist).
+    With `tied`, lm_head.weight is not written (the caller has checked it equals the embedding).
 
     `state` is a state dict (our names) or an iterator yielding our names in model order, which
     is what the checkpoint readers of `pipeline/checkpoint_reader.py` produce: then only one tensor is
     in memory at a time.
     """
     out_dir = Path(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(cfg, _DTYPE_NAMES[dtype], bos_id, eos_id), indent=2) + "\n")
-    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95}
+    config = hf_config_dict(cfg, _DTYPE_NAMES[dtype], bos_id, eos_id, max_positions, tied)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Greedy unless the caller asks to sample: the same prompt gives the same text everywhere.
+    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shapes = model_shapes(cfg)
     if isinstance(state, dict):
         state = _in_order(state, list(shapes))
-    write_safetensors(hf_shapes(cfg), hf_tensors(state, cfg), out_dir, dtype, parse_size(max_shard_size))
+    hf = hf_tensors(state, cfg)
+    names = hf_shapes(cfg)
+    if tied:
+        names.pop(TIED_HEAD)
+        hf = ((n, t) for n, t in hf if n != TIED_HEAD)
+    write_safetensors(names, hf, out_dir, dtype, parse_size(max_shard_size))
 
 
 def hf_weight_files(hf_dir: str | Path) -> list[Path]:

@@ -13,6 +13,10 @@ and two, the same function and, from the same seed, the same weights stacked (`F
 
 Nothing here knows about DeepSpeed; engines in `pipeline/engines/` wrap these modules.
 
+Rotary embeddings may be stretched for long contexts (`RopeScaling`: "linear" divides every
+frequency by a factor; "llama3" divides only the low frequencies and blends the middle band, as
+Llama 3.1+ do); the tables follow Hugging Face's `modeling_rope_utils` exactly.
+
 Rotary embeddings use the "rotate half" layout (the first and second halves of each head
 dimension form the pairs), which is the layout of Hugging Face's `LlamaForCausalLM`; weights
 therefore map one-to-one to Hugging Face names with no permutation (see `pipeline/hf.py`).
@@ -30,6 +34,29 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Hugging Face's `rope_scaling` (`rope_parameters` in transformers 5) of type linear or llama3;
+    the llama3 defaults are Llama 3.1's published values."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    TYPES = ("linear", "llama3")
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in self.TYPES:
+            raise ValueError(f"model.rope_scaling.rope_type={self.rope_type!r} is not supported (one of {list(self.TYPES)})")
+        if not self.factor >= 1:
+            raise ValueError(f"model.rope_scaling.factor={self.factor} must be >= 1")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling: high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     dim: int
     n_layers: int
@@ -42,8 +69,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     fused_projections: bool = False  # wqkv and w13 instead of wq, wk, wv and w1, w3 (names and shapes change)
+    rope_scaling: RopeScaling | None = None  # None: plain rotary frequencies
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # as read back from JSON (profiles, model.json)
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -97,9 +127,29 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:
+    """The rotary frequencies stretched for a longer context (transformers' `_compute_llama3_parameters`
+    and `_compute_linear_scaling_rope_parameters`)."""
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths beyond original/low_freq_factor are divided by the factor, those below
+    # original/high_freq_factor kept, and the band between interpolated smoothly.
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim), rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    head_dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = scale_frequencies(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -264,7 +314,7 @@ class Transformer(nn.Module):
             self.output = LMHead(cfg.dim, cfg.vocab_size, cfg.init_std, loss_chunk_tokens)
 
     def rotary(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_tables(self.cfg.head_dim, seq_len, self.cfg.rope_theta, device)
+        return rotary_tables(self.cfg, seq_len, device)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (batch, seq) int64 → logits (batch, seq, vocab); with labels (already shifted,

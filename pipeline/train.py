@@ -31,7 +31,6 @@ from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_s
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
-from pipeline.model import ModelConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'none': start fresh (refused if checkpoints exist); or a tag such as global_step100")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from these weights (a directory written by python -m pipeline.import_hf) instead of "
-                        "a random init; ignored when resuming from a checkpoint")
+                        "a random init (its rope, norm and context settings are carried into the run; see "
+                        "pipeline/init_from.py); weights ignored when resuming from a checkpoint")
+    p.add_argument("--remap-vocab", action="store_true",
+                   help="--init-from a model whose tokenizer is not the data's: carry embedding rows over by token")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -82,17 +84,6 @@ def all_ranks_mean(value: float) -> float:
     return all_ranks_mean_and_any(value, False)[0]
 
 
-def load_init_weights(path: str, model: ModelConfig) -> dict:
-    from pipeline.hf import load_init_dir, relayout
-
-    cfg, state = load_init_dir(path)
-    shape = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size")
-    diff = [f"{k} {getattr(cfg, k)} ≠ {getattr(model, k)}" for k in shape if getattr(cfg, k) != getattr(model, k)]
-    if diff:
-        raise ValueError(f"the imported model does not match the profile's model: {', '.join(diff)}")
-    return relayout(state, cfg, model)  # an imported (unfused) model into a fused profile: parts concatenated
-
-
 class StartError(Exception):
     """A reason not to start, one line; `only_rank0`: every rank reached it, so one report is enough."""
 
@@ -113,6 +104,16 @@ def resolve_profile(args: argparse.Namespace, world: int) -> tuple[Profile, Mani
         raise StartError(f"error: {args.profile}: model.vocab_size={profile.model.vocab_size} is smaller than the "
                          f"tokenizer's {manifest.tokenizer.vocab_size} ({manifest.tokenizer.model_path})")
     return profile, manifest
+
+
+def adopt_init(args: argparse.Namespace, profile: Profile, manifest: Manifest):
+    """--init-from's model settings, tokenizer check and provenance (pipeline/init_from.py), or None."""
+    from pipeline.init_from import InitFromError, adopt
+
+    try:
+        return adopt(profile, manifest, args.init_from, args.remap_vocab) if args.init_from else None
+    except (InitFromError, OSError) as e:
+        raise StartError(f"error: --init-from {args.init_from}: {e}") from None
 
 
 def check_preflight(profile: Profile, args: argparse.Namespace, world: int, rank: int) -> None:
@@ -168,15 +169,12 @@ def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str
     return load_tag, profile
 
 
-def initial_weights(init_from: str | None, profile: Profile) -> dict | None:
-    """--init-from's weights where the engine needs them: rank 0 for the ZeRO engine, every pipeline rank."""
-    if not init_from or not (distributed.rank() == 0 or profile.topology.engine == "pipeline"):
+def initial_weights(init, profile: Profile):
+    """--init-from's weights where the engine needs them: rank 0 for the ZeRO engine, every pipeline
+    rank (each reading only its stage's tensors)."""
+    if not init or not (profile.topology.engine == "pipeline" or distributed.rank() == 0):
         return None
-    try:
-        return load_init_weights(init_from, profile.model)
-    except (OSError, KeyError, ValueError) as e:
-        # The other ranks fail at their next collective; the launcher reports this rank.
-        raise StartError(f"error: --init-from {init_from}: {e}", only_rank0=False) from None
+    return init.weights()
 
 
 class Trainer:
@@ -327,13 +325,15 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     # Validate everything that can be checked from files before any process group starts, so a
     # bad profile fails fast on every rank with the same one-line reasons.
     profile, manifest = resolve_profile(args, world)
+    init = adopt_init(args, profile, manifest)
+    profile = init.profile if init else profile
     check_preflight(profile, args, world, rank)
     init_distributed()
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last, profile.train.conversion_timeout_s)
     profile_dict = write_run_files(ckpts, profile, out)
     load_tag, profile = resume_point(ckpts, args.resume, profile)
-    init_state = initial_weights(args.init_from, profile) if not load_tag else None
+    init_state = initial_weights(init, profile) if not load_tag else None
     torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
 

@@ -51,7 +51,7 @@ class BlockLayer(TransformerBlock):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         t = h.shape[1]
         if self._rope is None or self._rope[0] != t or self._rope[1].device != h.device:
-            cos, sin = rotary_tables(self._cfg.head_dim, t, self._cfg.rope_theta, h.device)
+            cos, sin = rotary_tables(self._cfg, t, h.device)
             self._rope = (t, cos, sin)
         return super().forward(h, self._rope[1], self._rope[2])
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -213,32 +214,101 @@ def test_export_loads_matches_and_generates(run, manifest, tmp_path):
 
     card = (out / "README.md").read_text()
     tokens_seen = 3 * json.loads((run / "profile.json").read_text())["train"]["global_batch_tokens"]
-    for fact in ("| steps | 3 |", f"| tokens seen | {tokens_seen:,} |", str(manifest), "largest logit"):
+    for fact in ("| steps | 3 |", f"| tokens seen in this run | {tokens_seen:,} |", "shards/manifest.json", "largest logit"):
         assert fact in card
     assert re.search(r"\| final training loss \| \d+\.\d{4} \|", card)
 
 
-def test_export_bf16_with_verify(zero3_run, tmp_path, capsys):
-    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "hf"), "--dtype", "bf16", "--verify"]) == 0
+def tf4_python() -> str:
+    """The interpreter of the transformers 4.x environment (`make tf4-env`, built here when missing)."""
+    path = os.environ.get("TF4_PYTHON") or str(REPO / ".venv-tf4" / "bin" / "python")
+    if not Path(path).exists():
+        subprocess.run(["make", "-s", "tf4-env", "PYTHON=python3"], cwd=REPO, check=True, capture_output=True)
+    return path
+
+
+TF4_IDS = """
+import json, sys
+import sentencepiece as spm
+import transformers
+from transformers import AutoTokenizer
+assert transformers.__version__.startswith("4."), transformers.__version__
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+sp = spm.SentencePieceProcessor(model_file=sys.argv[1] + "/tokenizer.model")
+texts = json.loads(sys.stdin.read())
+print(json.dumps([tok(t)["input_ids"] == [sp.bos_id()] + sp.encode(t) for t in texts]))
+"""
+
+
+def test_export_bf16_with_verify_loads_anywhere(zero3_run, tmp_path, capsys):
+    """bf16 weights pass --verify; the directory is readable by other users (umask 022); the
+    tokenizer loads in transformers 4.x with SentencePiece's ids (5.x: test_export_loads_matches_and_generates);
+    the card names no local path; generation is greedy unless asked."""
+    old = os.umask(0o022)
+    try:
+        assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "hf"), "--dtype", "bf16", "--verify"]) == 0
+    finally:
+        os.umask(old)
     assert "verified: largest logit difference" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out = tmp_path / "hf"
+    cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16"
+    assert cfg["max_position_embeddings"] == json.loads((zero3_run / "profile.json").read_text())["data"]["seq_len"]
+    assert json.loads((out / "generation_config.json").read_text())["do_sample"] is False
+    from pipeline import generate
+
+    texts = []
+    for seed in ("1", "2"):  # greedy unless --sample: the seed changes nothing
+        assert generate.main([str(out), "--max-new-tokens", "6", "--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
     from safetensors import safe_open
 
-    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    with safe_open(str(tmp_path / "hf" / index["weight_map"]["lm_head.weight"]), "pt") as f:
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    with safe_open(str(out / index["weight_map"]["lm_head.weight"]), "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir())
+    card = (out / "README.md").read_text()
+    assert "/tmp" not in card and str(REPO) not in card and "Pretrained from scratch" in card
+
+    texts = [t[:2000] for t in licence_texts()[:4]] + ["café 123  \t tabs ✓ <s> x"]
+    proc = subprocess.run([tf4_python(), "-c", TF4_IDS, str(out)], input=json.dumps(texts), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True] * len(texts)
 
 
-def test_export_of_an_earlier_tag_and_verify_failure(zero3_run, tmp_path, monkeypatch, capsys):
-    import pipeline.export as ex
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_verify_fails_on_a_wrong_weight_mapping(zero3_run, tmp_path, monkeypatch, capsys, dtype):
+    """gate and up swapped in the export: --verify must fail at any dtype, leaving nothing."""
+    import pipeline.hf as hf
 
-    out = export(zero3_run, tmp_path / "step2", tag="global_step2")
-    assert "| steps | 2 |" in (out / "README.md").read_text()
-    monkeypatch.setitem(ex.VERIFY_TOLERANCE, "bf16", 0.0)  # no bf16 export is that exact
-    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "bad"), "--dtype", "bf16", "--verify"]) == 3
+    monkeypatch.setitem(hf._LAYER_MAP, "feed_forward.w1.weight", "mlp.up_proj.weight")
+    monkeypatch.setitem(hf._LAYER_MAP, "feed_forward.w3.weight", "mlp.gate_proj.weight")
+    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "bad"), "--dtype", dtype, "--verify"]) == 3
     assert "verification failed" in capsys.readouterr().err
     assert_nothing_left(tmp_path / "bad")
+
+
+def test_export_of_an_earlier_tag_and_a_moved_tokenizer(zero3_run, tmp_path, capsys):
+    out = export(zero3_run, tmp_path / "step2", tag="global_step2")
+    assert "| steps | 2 |" in (out / "README.md").read_text()
+    # The checkpoint on another machine: the data-prep directory it names is gone.
+    run = copy_run(zero3_run, tmp_path / "run")
+    for tag in ("global_step2", "global_step3"):
+        prof = z3(run, tag) / "profile.json"
+        p = json.loads(prof.read_text())
+        p["data"]["manifest"] = str(tmp_path / "gone" / "shards" / "manifest.json")
+        prof.write_text(json.dumps(p))
+    expect_error(capsys, run, tmp_path / "hf", "manifest not found (run `python -m data_prep run` first); pass --tokenizer DIR")
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    shutil.copy(out / "tokenizer.model", tokenizer)
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--tokenizer", str(tokenizer)]) == 0
+    assert "data manifest not available" in (tmp_path / "hf" / "README.md").read_text()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "hf" / f).read_bytes() == (out / f).read_bytes(), f
 
 
 # --- bad input: a clear error and no output directory -------------------------------------
@@ -389,7 +459,10 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     """A step at lr 1e-30 changes no fp32 weight (the update is far below one ulp), so the
     exported tensors must equal the published ones bit for bit, through the real trainer. At
     ZeRO-2 only rank 0 reads the weights and the other rank's half of the exported master weights
-    comes from what DeepSpeed's initialize broadcast to it."""
+    comes from what DeepSpeed's initialize broadcast to it. The base is Llama-3-like (theta 5e5,
+    eps 1e-6, context 2048, llama3 rope scaling; tied embeddings at ZeRO-2 and pipeline): the run
+    carries those settings (the profile leaves them to its preset) and the export writes them
+    back, ties the embeddings again (still equal) and names the base model and its licence."""
     import transformers
     from safetensors.torch import load_file
 
@@ -398,14 +471,22 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
 
     profile = PIPELINE if engine == "pipeline" else REPO / "ds_configs" / "tiny_cpu.json"
     stage = ["--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2"] if engine == "zero2" else []
+    tok = Manifest.load(manifest).tokenizer
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024}
     hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=Manifest.load(manifest).tokenizer.vocab_size,
-                                      max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+                                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
+                                      rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope,
+                                      tie_word_embeddings=engine != "zero3")
     torch.manual_seed(1)
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "published")
-    import_hf(tmp_path / "published", tmp_path / "init")
+    for f in tok.directory.iterdir():  # the data was tokenized with the base model's tokenizer
+        shutil.copy(f, tmp_path / "published" / f.name)
+    import_hf(tmp_path / "published", tmp_path / "init", base_model="org/base-3", license="llama3.2")
     run = train(tmp_path / "run", manifest, profile, *stage, "--set", "train.steps=1", "--set", "train.lr=1e-30",
-                "--init-from", str(tmp_path / "init"))
+                "--set", "model.max_seq_len=null", "--init-from", str(tmp_path / "init"))
+    saved = json.loads((run / "checkpoints" / "global_step1" / "profile.json").read_text())
+    assert saved["model"]["rope_theta"] == 500000.0 and saved["base_model"]["base_model"] == "org/base-3"
     out = export(run, tmp_path / "exported")
     published = load_file(tmp_path / "published" / "model.safetensors")
     exported = {}
@@ -414,3 +495,8 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     assert published.keys() == exported.keys()
     for k in published:
         assert torch.equal(published[k], exported[k]), k
+    config = json.loads((out / "config.json").read_text())
+    assert (config["rope_theta"], config["rms_norm_eps"], config["max_position_embeddings"]) == (500000.0, 1e-6, 2048)
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["tie_word_embeddings"] is (engine != "zero3")
+    card = (out / "README.md").read_text()
+    assert "| base model | org/base-3 |" in card and "license: llama3.2" in card and "from scratch" not in card

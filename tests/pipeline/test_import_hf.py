@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.export import export
 from pipeline.hf import load_init_dir
-from pipeline.import_hf import main
+from pipeline.import_hf import import_hf, main
 from pipeline.model import Transformer
 
 
@@ -109,7 +109,7 @@ def test_bad_hugging_face_directories(tmp_path, capsys):
     first.write_bytes(saved)
 
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
     expect_error(capsys, src, out, "rope_scaling")
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
     expect_error(capsys, src, out, "beyond the 2 layers config.json declares")
@@ -149,3 +149,91 @@ def test_export_refuses_an_init_dir_that_disagrees_with_its_config(tmp_path):
     with pytest.raises(ExportError, match="do not match model.json"):
         export(tmp_path / "init", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- the LLaMA family people continue from: each config.json's features at a small size -------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+FAMILIES = {
+    # meta-llama/Llama-2-7b-hf: multi-head attention, theta 1e4, untied.
+    "llama-2": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=4096, tie_word_embeddings=False),
+    # meta-llama/Llama-3.2-1B: GQA, theta 5e5, llama3 rope scaling, tied embeddings.
+    "llama-3.2": dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=131072, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True),
+    # TinyLlama/TinyLlama-1.1B: GQA 32/4, untied; here with linear rope scaling ×2 (its long-context variants).
+    "tinyllama-linear": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=2048, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                             tie_word_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M: GQA 9/3, theta 1e5, tied.
+    "smollm2": dict(num_attention_heads=6, num_key_value_heads=2, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def family_model(path: Path, family: str) -> Path:
+    cfg = transformers.LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, vocab_size=256,
+                                   head_dim=96 // FAMILIES[family]["num_attention_heads"], **FAMILIES[family])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    (path / "README.md").write_text(f"---\nlicense: test-licence\nbase_model: org/{family}\n---\n# card\n")
+    return path
+
+
+def logits_equal(hf_dir: Path, model: Transformer, tokens: torch.Tensor):
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, model.eval()(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_import_train_export(family, tmp_path):
+    """HF → import → a few optimizer steps on our model → the exporter → transformers computes our
+    logits. Tied bases: untied exactly on import, exported tied while unchanged, untied once trained."""
+    from pipeline.hf import INIT_WEIGHTS, model_shapes, write_safetensors
+
+    src = family_model(tmp_path / "src", family)
+    import_hf(src, tmp_path / "init")
+    cfg, state = load_init_dir(tmp_path / "init")
+    meta = json.loads((tmp_path / "init" / "import.json").read_text())
+    assert meta["base_model"] == f"org/{family}" and meta["license"] == "test-licence"
+    assert meta["source"] == f"https://huggingface.co/org/{family}" and str(tmp_path) not in json.dumps(meta)
+    tied = FAMILIES[family]["tie_word_embeddings"]
+    assert meta["tied_embeddings"] is tied
+    assert torch.equal(state["output.weight"], state["tok_embeddings.weight"]) is tied
+    assert (cfg.rope_scaling is not None) is ("rope_scaling" in FAMILIES[family])
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    unchanged = export(tmp_path / "init", tmp_path / "unchanged", check=True)
+    assert json.loads((unchanged / "config.json").read_text())["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in tensors(unchanged)) is not tied
+    model = Transformer(cfg)
+    model.load_state_dict(state)
+    logits_equal(unchanged, model, tokens)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = model.train()(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for f in ("model.json", "import.json"):
+        shutil.copy(tmp_path / "init" / f, trained / f)
+    write_safetensors(model_shapes(cfg), iter(model.state_dict().items()), trained, "fp32", max_shard_bytes=None)
+    assert (trained / INIT_WEIGHTS).exists()
+    out = export(trained, tmp_path / "out", check=True)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False  # the head moved
+    if tied:
+        from pipeline.export import ExportError
+
+        with pytest.raises(ExportError, match="tying would change the model"):
+            export(trained, tmp_path / "forced", tie="yes")
+    logits_equal(out, model, tokens)

@@ -103,10 +103,34 @@ def test_fused_model_round_trips_through_export_and_import(tmp_path):
         assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes(), f.name
 
     import_hf(tmp_path / "fused", tmp_path / "init")
-    from pipeline.train import load_init_weights
+    from pipeline.init_from import InitWeights
 
-    back = load_init_weights(str(tmp_path / "init"), fused.cfg)
+    back = InitWeights(tmp_path / "init" / "model.safetensors", fused.cfg, None)
     state = fused.state_dict()
     assert back.keys() == state.keys()
     for name, t in state.items():
         assert torch.equal(back[name], t), name
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                                      "high_freq_factor": 8.0, "original_max_position_embeddings": 256}])
+def test_rope_scaling_tables_match_transformers(scaling):
+    """cos/sin of every position up to 8192, against transformers' LlamaRotaryEmbedding; the
+    head dimension and theta put frequencies in all three llama3 bands."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = ModelConfig(dim=128, n_layers=1, n_heads=2, vocab_size=8, ffn_dim=8, max_seq_len=8192, rope_theta=500000.0,
+                      rope_scaling=scaling)
+    hf = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=8192,
+                                  rope_theta=500000.0, rope_scaling=dict(scaling))
+    ref = LlamaRotaryEmbedding(hf)
+    positions = torch.arange(8192)[None]
+    cos, sin = ref(torch.zeros(1, dtype=torch.float32), positions)
+    ours_cos, ours_sin = Transformer(cfg).rotary(8192, "cpu")
+    plain_cos, _ = Transformer(dataclasses.replace(cfg, rope_scaling=None)).rotary(8192, "cpu")
+    assert (plain_cos - cos[0]).abs().max() > 0.1  # the scaling changes the tables
+    torch.testing.assert_close(ours_cos, cos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_sin, sin[0], atol=1e-5, rtol=0)

@@ -441,11 +441,12 @@ def test_init_from_an_imported_hugging_face_model(prepared_data, zero3_run, tmp_
 
     out = tmp_path / "run"
     if engine == "zero3":
-        args = zero3_args(prepared_data, out, "--set", "train.steps=1", "--init-from", str(init))
+        args = zero3_args(prepared_data, out, "--set", "train.steps=1", "--set", "model.max_seq_len=null",
+                          "--init-from", str(init))
     else:
         args = common(prepared_data, out, "--profile", "ds_configs/tiny_cpu_pipeline.json", "--set",
                       "train.micro_batch_size=8", "--set", "train.grad_accum_steps=2", "--set", "train.steps=1",
-                      "--init-from", str(init))
+                      "--set", "model.max_seq_len=null", "--init-from", str(init))
     proc = run_deepspeed(args)
     assert "initialised from" in proc.stdout
     assert train_losses(out)[1] == pytest.approx(want, abs=2e-4)
