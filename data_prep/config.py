@@ -43,9 +43,12 @@ class SourceConfig(_Strict):
 
 
 class ReadConfig(_Strict):
-    # Larger records are rejected as bad input ("too_large") without being read whole:
+    # Documents with more text than this are removed as "too_large" (filtered, with their id):
     # Gopher/C4 rules and ftfy are super-linear or slow on multi-megabyte pages.
     max_doc_bytes: int = Field(default=2 << 20, gt=0)
+    # A jsonl line up to this size is parsed to learn its id; a longer one is skipped in bounded
+    # chunks without parsing (too_large without an id). This bounds a reader's memory.
+    max_record_bytes: int = Field(default=64 << 20, gt=0)
 
 
 class CleanConfig(_Strict):
@@ -110,9 +113,22 @@ class LanguageConfig(_Strict):
     min_score: float = 0.65
     max_chars: int = 10_000  # classify the first N characters: linear cost, same answer in practice
 
+    @model_validator(mode="after")
+    def _known_codes(self):
+        if self.enabled:
+            from data_prep.filters import LanguageFilter
+
+            known = LanguageFilter.identifier().nb_classes
+            for i, code in enumerate(self.languages):
+                if code not in known:
+                    raise ValueError(f"languages.{i}: '{code}' is not a language code the classifier knows "
+                                     f"(ISO 639-1, e.g. 'en', 'de'; {len(known)} known)")
+        return self
+
 
 class FiltersConfig(_Strict):
-    language: LanguageConfig = LanguageConfig()
+    # A factory: the default's validation loads the classifier, which importing must not do.
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     c4: C4Config = C4Config()
@@ -152,6 +168,12 @@ class TokenizerConfig(_Strict):
     threads: int | None = None
     existing_model: str | None = Field(default=None, description="use this tokenizer.model instead of training")
 
+    @model_validator(mode="after")
+    def _model_exists(self):
+        if self.existing_model is not None and not Path(self.existing_model).is_file():
+            raise ValueError(f"existing_model: no such file: {self.existing_model}")
+        return self
+
 
 class ShardsConfig(_Strict):
     target_bytes: int = Field(default=256 << 20, gt=0)
@@ -175,7 +197,7 @@ class PrepConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
     clean: CleanConfig = CleanConfig()
-    filters: FiltersConfig = FiltersConfig()
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     minhash: MinHashConfig = MinHashConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

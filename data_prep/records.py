@@ -20,6 +20,7 @@ class Record:
     text: str | None = None
     bad: str | None = None  # bad-input reason; text is None then
     nbytes: int = 0  # size of the raw record as read
+    read_before: int = 0  # truncated_file: records read from the file before the cut
 
     @property
     def where(self) -> str:

@@ -51,6 +51,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
     filter_inputs: dict = {}
     per_source: dict = {}
     chars, tokens = Histogram(), Histogram()
+    incomplete = [f for p in prepare for f in p.get("incomplete_files", [])]
     for p, t in zip(prepare, tokenize):
         rec = {k: v for k, v in p["records"].items() if k != "passed_filters"}
         _add(rec, t["records"])
@@ -75,7 +76,11 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
     for s in per_source.values():
         s["accounting_ok"] = sum(s["records"].get(o, 0) for o in OUTCOMES) == s["records"].get("input", 0)
     return {
-        "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok},
+        # Input is what could be read: a file cut short counts up to its cut (one truncated_file
+        # record stands for the unreadable rest), and is listed here so that nobody mistakes
+        # "adds up" for "read everything".
+        "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok,
+                       "incomplete_files": incomplete},
         "records": dict(sorted(records.items())),
         "bytes": dict(sorted(nbytes.items())),
         "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
@@ -97,7 +102,9 @@ def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict,
     rows = []
     docs = records.get("input", 0)
     n, b = removed("bad_input:", exclude="bad_input:empty")
-    rows.append({"stage": "read", "in": docs, "removed": n, "removed_bytes": b})
+    n2, b2 = removed("filtered:too_large")
+    rows.append({"stage": "read", "in": docs, "removed": n + n2, "removed_bytes": b + b2})
+    n += n2
     docs -= n
     n, b = removed("bad_input:empty")
     rows.append({"stage": "clean", "in": docs, "removed": n, "removed_bytes": b})
@@ -119,6 +126,9 @@ def write_summary(stats: dict, out: Path) -> str:
     lines = ["# Data prep summary", ""]
     acc = stats["accounting"]
     lines.append(f"Input records: {acc['input_records']:,}; outcomes add up: {'yes' if acc['ok'] else 'NO'}")
+    for f in acc.get("incomplete_files", []):
+        lines.append(f"- **{f['file']} could not be read to its end**: {f['records_read']:,} records read before the cut "
+                     "(counted above); the rest of the file is not in the input count")
     lines += ["", "| outcome | records | bytes |", "|---|---:|---:|"]
     for o in OUTCOMES:
         lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
