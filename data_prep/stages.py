@@ -126,7 +126,7 @@ def _near(ctx: Context, p: int) -> int:
     out = ctx.dedup_dir / f"near-{p:03d}.npy"
     if not out.exists():
         store = dedup.SignatureStore(ctx.prepare_dir)
-        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold))
+        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold, ctx.cfg.minhash.ngram))
     return p
 
 
