@@ -57,7 +57,7 @@ def run_ours(corpus: Path, model: Path, work: Path, workers: int) -> dict:
     from data_prep.stages import STAGES, open_context
 
     cfg = PrepConfig.model_validate({
-        "sources": [{"name": "bench", "type": "jsonl", "paths": [str(corpus)], "id_field": "id"}],
+        "sources": [{"name": "bench", "type": "jsonl", "paths": [str(corpus)], "id_field": "id", "filters": "web"}],
         "filters": {"language": {"enabled": False}, "fineweb": {"enabled": False}, "c4": {"enabled": True},
                     "gopher_quality": {"enabled": True}, "gopher_repetition": {"enabled": True}},
         "tokenizer": {"existing_model": str(model)},

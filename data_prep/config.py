@@ -34,6 +34,10 @@ class SourceConfig(_Strict):
     patterns: list[str] = Field(default_factory=lambda: list(SITE_PACKAGES_PATTERNS))
     max_bytes: int | None = Field(default=None, gt=0, description="stop adding input files past this many bytes")
     task_bytes: int = Field(default=4 << 20, gt=0, description="text_files: group small files into tasks of this size")
+    # Which quality filters this source gets: web-crawl rules (Gopher, C4, FineWeb) throw away
+    # good books, code and documentation. "web" is the `filters` section, "books" its language
+    # filter only, "code" and "none" nothing; any other name is a set of `filter_sets`.
+    filters: str = "none"
 
     @model_validator(mode="after")
     def _paths_needed(self):
@@ -135,6 +139,9 @@ class FiltersConfig(_Strict):
     fineweb: FineWebConfig = FineWebConfig()
 
 
+BUILTIN_FILTER_SETS = ("web", "books", "code", "none")
+
+
 class ExactDedupConfig(_Strict):
     enabled: bool = True
 
@@ -201,7 +208,8 @@ class PrepConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
     clean: CleanConfig = CleanConfig()
-    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)  # the "web" filter set
+    filter_sets: dict[str, FiltersConfig] = {}  # custom sets, named by sources[].filters
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     minhash: MinHashConfig = MinHashConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -215,7 +223,26 @@ class PrepConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        clash = sorted(set(self.filter_sets) & set(BUILTIN_FILTER_SETS))
+        if clash:
+            raise ValueError(f"filter_sets: {clash} are built-in set names; choose other names")
+        for i, src in enumerate(self.sources):
+            if src.filters not in BUILTIN_FILTER_SETS and src.filters not in self.filter_sets:
+                raise ValueError(f"sources.{i}.filters: '{src.filters}' is neither a built-in set "
+                                 f"{list(BUILTIN_FILTER_SETS)} nor a name in filter_sets {sorted(self.filter_sets)}")
         return self
+
+    def filters_for(self, source: SourceConfig) -> FiltersConfig:
+        """The filter set a source gets (see SourceConfig.filters)."""
+        name = source.filters
+        if name == "web":
+            return self.filters
+        if name in self.filter_sets:
+            return self.filter_sets[name]
+        off = {k: {"enabled": False} for k in FiltersConfig.model_fields}
+        if name == "books":
+            off["language"] = self.filters.language.model_dump()
+        return FiltersConfig.model_validate(off)
 
     def resolved(self) -> dict:
         """The config as it ran: what the manifest records and what resume compares.

@@ -33,6 +33,7 @@ from data_prep.stats import Histogram
 
 DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.large_string())])
 BATCH_DOCS = 2048
+SAMPLES_PER_REASON, SAMPLE_CHARS = 3, 300
 
 
 def exact_key(text: str) -> bytes:
@@ -61,7 +62,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     tmp.mkdir(parents=True)
     src = next(s for s in cfg.sources if s.name == task.source)
     cleaner = Cleaner(cfg.clean, html=src.html)
-    filters = build_filters(cfg.filters)
+    filters = build_filters(cfg.filters_for(src))
     hasher = MinHasher(cfg.minhash.num_perm, cfg.minhash.seed) if cfg.minhash.enabled else None
     P = cfg.minhash.partitions
 
@@ -72,6 +73,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     stage_in: Counter = Counter()
     chars_hist = Histogram()
     incomplete: list[dict] = []  # files that could not be read to their end
+    samples: dict[str, list] = {}  # a few removed documents per reason, for summary.md
     rejected = open(tmp / "rejected.jsonl", "w")
     removed = open(tmp / "removed.jsonl", "w") if cfg.output.write_removed else None
     writer = pa.ipc.new_stream(str(tmp / "docs.arrow"), DOCS_SCHEMA)
@@ -113,6 +115,9 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         rejected.write(json.dumps(row, ensure_ascii=False) + "\n")
         if removed is not None:
             removed.write(json.dumps({**row, "text": rec.text}, ensure_ascii=False) + "\n")
+        got = samples.setdefault(f"{outcome}:{reason}", [])
+        if len(got) < SAMPLES_PER_REASON:
+            got.append({"where": rec.where, "id": rec.id, "text": (rec.text or "")[:SAMPLE_CHARS]})
 
     ordinal = 0
     for path in task.files:
@@ -172,6 +177,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         "filter_inputs": [[f.name, stage_in[f.name]] for f in filters],  # in the order they run
         "chars_hist": chars_hist.to_json(),
         "incomplete_files": incomplete,
+        "samples": samples,
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
     commit_dir(tmp, final)

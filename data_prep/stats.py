@@ -43,7 +43,7 @@ def _add(a: dict, b: dict) -> None:
         a[k] = a.get(k, 0) + v
 
 
-def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20) -> dict:
+def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3) -> dict:
     records: dict = {}
     nbytes: dict = {}
     reasons: dict = {}
@@ -62,9 +62,15 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
         _add(reasons, p["reasons"])
         _add(reason_bytes, p["reason_bytes"])
         _add(filter_inputs, dict(p["filter_inputs"]))  # a list of pairs: keeps the filters' order
-        src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0})
+        src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0, "reasons": {},
+                                                  "reason_bytes": {}, "samples": {}})
         _add(src["records"], rec)
         _add(src["bytes"], byt)
+        _add(src["reasons"], p["reasons"])
+        _add(src["reason_bytes"], p["reason_bytes"])
+        for reason, docs in p.get("samples", {}).items():
+            have = src["samples"].setdefault(reason, [])
+            have.extend(docs[: max_examples_per_reason - len(have)])
         src["tokens"] += t["tokens"]
         chars.merge(Histogram.from_json(p["chars_hist"]))
         tokens.merge(Histogram.from_json(t["tokens_hist"]))
@@ -139,9 +145,22 @@ def write_summary(stats: dict, out: Path) -> str:
     for name, s in stats["sources"].items():
         lines.append(f"| {name} | {s['records'].get('input', 0):,} | {s['records'].get('kept', 0):,} | "
                      f"{s['bytes'].get('kept', 0):,} | {s['tokens']:,} |")
-    lines += ["", "| removal reason | records |", "|---|---:|"]
-    for k, v in sorted(stats["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"| {k} | {v:,} |")
+    lines += ["", "## Removed, per source and rule", "", "| source | rule | documents | bytes | share of the source's input bytes |",
+              "|---|---|---:|---:|---:|"]
+    for name, s in stats["sources"].items():
+        total = s["bytes"].get("input", 0) or 1
+        for k, v in sorted(s["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+            b = s["reason_bytes"].get(k, 0)
+            lines.append(f"| {name} | {k} | {v:,} | {b:,} | {100 * b / total:.1f}% |")
+    lines += ["", "## Samples of removed documents (first of each source and rule)", ""]
+    for name, s in stats["sources"].items():
+        for reason, docs in sorted(s["samples"].items()):
+            lines.append(f"### {name}: {reason}")
+            lines.append("")
+            for d in docs:
+                text = " ".join(d["text"].split())
+                lines.append(f"- `{d['where']}` id `{d['id']}`: {text[:200]}{'...' if len(text) > 200 else ''}")
+            lines.append("")
     lines += ["", "Plots: plots/outcomes.png, plots/document_chars.png, plots/document_tokens.png", ""]
     text = "\n".join(lines)
     return text

@@ -20,7 +20,7 @@ def _error(capsys, argv) -> str:
 
 def _source(tmp_path, n=6):
     write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": d} for d in real_documents(120)[:n]])
-    return [{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")]}]
+    return [{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "filters": "web"}]
 
 
 def test_each_misconfiguration_is_one_line(tmp_path, capsys):

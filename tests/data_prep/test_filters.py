@@ -75,3 +75,41 @@ def test_repetition_c4_fineweb_and_language():
     lang = LanguageFilter(LanguageConfig())
     assert lang(_rec(doc)) is None
     assert lang(_rec("Dies ist ein ganz normaler deutscher Satz über das Wetter und die Arbeit in der Stadt.")) == "not_en"
+
+
+def test_filter_sets_per_source_and_summary(tmp_path):
+    """Web rules run on the source marked web only; the summary shows per source and rule what
+    went, with samples. Failed first: every source got the web filters, and the summary had no
+    per-source rule table or samples."""
+    import json
+
+    from prep_corpus import write_jsonl
+    from data_prep.config import PrepConfig
+    from data_prep.plan import make_plan
+    from data_prep.prepare import run_prepare
+    from data_prep.stats import aggregate, write_summary
+
+    docs = real_documents(120)[:5]
+    notes = [{"id": f"n{i}", "text": f"Short note {i}: see the manual."} for i in range(4)]
+    rows = [{"id": f"d{i}", "text": d} for i, d in enumerate(docs)] + notes
+    for name in ("crawl", "books", "code"):
+        write_jsonl(tmp_path / name / "a.jsonl", rows)
+    cfg = PrepConfig.model_validate({
+        "sources": [{"name": n, "type": "jsonl", "paths": [str(tmp_path / n)], "id_field": "id", "filters": f}
+                    for n, f in (("crawl", "web"), ("books", "books"), ("code", "mine"))],
+        "filters": {"language": {"enabled": False}},
+        "filter_sets": {"mine": {k: {"enabled": False} for k in ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb")}},
+        "minhash": {"enabled": False}, "exact_dedup": {"enabled": False}})
+    prep = [run_prepare(cfg, t, tmp_path / "prep") for t in make_plan(cfg)]
+    kept = {p["source"]: p["records"].get("passed_filters", 0) for p in prep}
+    assert kept["books"] == kept["code"] == 9 and kept["crawl"] <= 5
+    stats = aggregate(prep, [{"records": {}, "bytes": {}, "tokens": 0, "tokens_hist": {}}] * len(prep))
+    crawl = stats["sources"]["crawl"]
+    assert crawl["reasons"]["filtered:gopher_quality:min_doc_words"] == 4 and sum(crawl["reasons"].values()) == 9 - kept["crawl"]
+    assert stats["sources"]["books"]["reasons"] == stats["sources"]["code"]["reasons"] == {}
+    assert crawl["reason_bytes"]["filtered:gopher_quality:min_doc_words"] == sum(len(json.dumps(n)) + 1 for n in notes)  # as read
+    summary = write_summary(stats, tmp_path)
+    assert "| crawl | filtered:gopher_quality:min_doc_words | 4 |" in summary
+    assert "### crawl: filtered:gopher_quality:min_doc_words" in summary and "id `n0`: Short note 0: see the manual." in summary
+    with __import__("pytest").raises(ValueError, match="sources.0.filters: 'webb' is neither"):
+        PrepConfig.model_validate({"sources": [{"name": "x", "type": "jsonl", "paths": ["a"], "filters": "webb"}]})
