@@ -61,7 +61,9 @@ def run_ours(corpus: Path, model: Path, work: Path, workers: int) -> dict:
         "filters": {"language": {"enabled": False}, "fineweb": {"enabled": False}, "c4": {"enabled": True},
                     "gopher_quality": {"enabled": True}, "gopher_repetition": {"enabled": True}},
         "tokenizer": {"existing_model": str(model)},
-        "minhash": {"partitions": 14},
+        # datatrove's MinHash settings (5-grams, 14x8), so both sides shingle and hash the same
+        # amount; ours still verifies candidates exactly, which datatrove does not.
+        "minhash": {"partitions": 14, "ngram": 5, "bands": 14, "rows": 8, "threshold": 0.7},
     })
     shutil.rmtree(work, ignore_errors=True)
     ex = LocalExecutor(workers)
