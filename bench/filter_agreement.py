@@ -36,6 +36,32 @@ print(json.dumps(out))
 '''
 
 
+def decisions(texts: list[str], datatrove_python: str) -> dict[str, tuple[list[bool], list[bool]]]:
+    """rule -> (our keep decisions, datatrove's), each rule alone on every text."""
+    from data_prep.config import FiltersConfig
+    from data_prep.filters import C4Rules, FineWebRules, GopherQuality, GopherRepetition
+    from data_prep.records import Record
+
+    fc = FiltersConfig.model_validate({"c4": {"enabled": True}, "language": {"enabled": False}})
+    rules = {"gopher_quality": GopherQuality(fc.gopher_quality), "gopher_repetition": GopherRepetition(fc.gopher_repetition),
+             "c4": C4Rules(fc.c4), "fineweb": FineWebRules(fc.fineweb)}
+    with tempfile.TemporaryDirectory() as d:
+        inp = Path(d) / "texts.jsonl"
+        inp.write_text("".join(json.dumps(t) + "\n" for t in texts))
+        # datatrove runs in its own process while ours runs here.
+        p = subprocess.Popen([datatrove_python, "-c", DATATROVE, str(inp)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        # One record per text for the rules that only read it (they share its words, as in a
+        # run); C4 edits the text, so it gets its own.
+        recs = [Record("f", 1, "id", t) for t in texts]
+        ours = {k: [(f(Record("f", 1, "id", r.text)) if k == "c4" else f(r)) is None for r in recs] for k, f in rules.items()}
+        out, err = p.communicate()
+    if p.returncode:
+        raise RuntimeError(f"datatrove run failed:\n{err[-3000:]}")
+    theirs = json.loads(out.strip().splitlines()[-1])
+    return {k: (ours[k], theirs[k]) for k in rules}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datatrove-python", required=True)
@@ -44,29 +70,17 @@ def main() -> None:
     from prep_throughput import build_corpus
 
     from data_prep.clean import Cleaner
-    from data_prep.config import CleanConfig, FiltersConfig
-    from data_prep.filters import C4Rules, FineWebRules, GopherQuality, GopherRepetition
-    from data_prep.records import Record
+    from data_prep.config import CleanConfig
 
     with tempfile.TemporaryDirectory() as d:
         build_corpus(Path(d) / "c", args.mb, 1)
         cleaner = Cleaner(CleanConfig())
         texts = [t for t in (cleaner.clean(json.loads(l)["text"]) for l in open(Path(d) / "c" / "part-000.jsonl")) if t]
-        inp = Path(d) / "texts.jsonl"
-        inp.write_text("".join(json.dumps(t) + "\n" for t in texts))
-        r = subprocess.run([args.datatrove_python, "-c", DATATROVE, str(inp)], capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"datatrove run failed:\n{r.stderr[-3000:]}")
-        theirs = json.loads(r.stdout.strip().splitlines()[-1])
-    fc = FiltersConfig.model_validate({"c4": {"enabled": True}, "language": {"enabled": False}})
-    ours = {"gopher_quality": GopherQuality(fc.gopher_quality), "gopher_repetition": GopherRepetition(fc.gopher_repetition),
-            "c4": C4Rules(fc.c4), "fineweb": FineWebRules(fc.fineweb)}
     print(f"{len(texts)} documents; keep/remove decisions of each rule alone")
     print(f"{'rule':<20}{'agree':>8}{'ours removes':>14}{'datatrove removes':>19}")
-    for k, f in ours.items():
-        mine = [f(Record("f", 1, "id", t)) is None for t in texts]
-        agree = sum(a == b for a, b in zip(mine, theirs[k])) / len(texts)
-        print(f"{k:<20}{100 * agree:>7.1f}%{mine.count(False):>14}{theirs[k].count(False):>19}")
+    for k, (mine, theirs) in decisions(texts, args.datatrove_python).items():
+        agree = sum(a == b for a, b in zip(mine, theirs)) / len(texts)
+        print(f"{k:<20}{100 * agree:>7.1f}%{mine.count(False):>14}{theirs.count(False):>19}")
 
 
 if __name__ == "__main__":
