@@ -50,6 +50,6 @@ def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
     big = tiny_config(src, tokenizer={"vocab_size": 20000}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", big), "--out", tmp_path / "v"])
     assert "tokenizer.vocab_size: 20000 is more than the training sample supports (at most" in msg
-    strict = tiny_config(src, filters={"gopher_quality": {"enabled": True, "min_doc_words": 100000}}, executor={"workers": 1})
+    strict = tiny_config(src, filters={"language": {"enabled": True, "languages": ["de"]}}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "f.json", strict), "--out", tmp_path / "f"])
-    assert "no document is left after reading and filtering (6 input records; filtered:gopher_quality:min_doc_words 6)" in msg
+    assert "no document is left after reading and filtering (6 input records; filtered:language:not_de 6)" in msg
