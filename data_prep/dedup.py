@@ -122,6 +122,9 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 # check: with 112 permutations the estimate's standard deviation is at most 0.047, so 0.2 is
 # over four of them.
 ESTIMATE_MARGIN = 0.2
+# Shingle sets kept between buckets of a partition (a document is usually a candidate in
+# several bands): bounds the job's memory at ~SHINGLE_CACHE x a document's shingles x 8 bytes.
+SHINGLE_CACHE = 20_000
 
 
 def near_pairs(task_dirs: list[Path], partition: int, store: SignatureStore, threshold: float, ngram: int,
@@ -144,7 +147,7 @@ def near_pairs(task_dirs: list[Path], partition: int, store: SignatureStore, thr
     multi = ends - starts > 1
     edges: set[tuple[int, int]] = set()
     checked: set[tuple[int, int]] = set()
-    shingles: dict[int, np.ndarray] = {}  # this partition's candidates only
+    shingles: dict[int, np.ndarray] = {}  # recent candidates' shingle sets, at most SHINGLE_CACHE
     for s, e in zip(starts[multi], ends[multi]):
         gids = np.unique(rows["gid"][s:e])
         if len(gids) < 2:
@@ -160,6 +163,8 @@ def near_pairs(task_dirs: list[Path], partition: int, store: SignatureStore, thr
                 if pair not in checked:
                     checked.add(pair)
                     todo.append(pair)
+        if len(shingles) > SHINGLE_CACHE:
+            shingles.clear()
         need = sorted({g for p in todo for g in p} - shingles.keys())
         if need:
             shingles.update(zip(need, shingle_sets(store.texts(np.array(need, dtype=np.uint64)), ngram)))
