@@ -132,8 +132,8 @@ class LanguageConfig(_Strict):
 
 class FiltersConfig(_Strict):
     # How the Gopher/C4/FineWeb rules count words and sentences: "spacy" as datatrove does (the
-    # thresholds were set on those counts; agreement tested), "regex" ~20x faster, agreeing
-    # less (data_prep/README.md has both figures).
+    # thresholds were set on those counts; agreement tested), "regex" one regular expression,
+    # much faster, its agreement not measured.
     words: Literal["spacy", "regex"] = "spacy"
     # A factory: the default's validation loads the classifier, which importing must not do.
     language: LanguageConfig = Field(default_factory=LanguageConfig)

@@ -9,7 +9,7 @@ means what it meant there (tests/data_prep/test_filters.py checks agreement agai
 Tokenizing is the expensive part of the filters (spaCy runs at ~0.15-0.3 MB/s per core on
 technical text), so a document is tokenized once and its words are shared by every filter
 (`words(rec)`); datatrove tokenizes it again in each filter. `filters.words: "regex"` trades
-agreement for speed (one regex, ~20x faster).
+agreement for speed (one regular expression; its agreement with datatrove is not measured).
 """
 from __future__ import annotations
 
