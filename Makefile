@@ -1,6 +1,6 @@
 # One command sets up and runs the main job; one command runs the tests.
 #   make demo        virtual environment + install + the whole pipeline on the built-in corpus
-#   make test        the test suite (real DeepSpeed processes on the CPU)
+#   make test        the test suite (real DeepSpeed processes on the CPU; datatrove in .venv-bench)
 #   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md)
 #   make gpu-wheels  on a machine with a registry: the wheel directory for a GPU machine without one
 #   make tf4-env     transformers 4.x beside the 5.x of the main venv (the export's tokenizer must load in both)
@@ -18,8 +18,9 @@ HAVE     ?=
 
 # transformers 4.x, tokenizers only (no torch): the test that exported tokenizers load in 4.x runs in it.
 TF4_VENV ?= .venv-tf4
+BENCH_VENV ?= .venv-bench
 
-.PHONY: demo test install clean-demo gpu-check gpu-install gpu-wheels tf4-env
+.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env
 
 install: $(VENV)/.installed
 
@@ -32,8 +33,20 @@ $(VENV)/.installed: requirements.txt
 demo: install
 	VENV=$(VENV) OUT=$(OUT) bash launch/demo.sh
 
+# datatrove, the reference the quality filters are tested against (tests/data_prep/test_filters.py)
+# and the peer of bench/, needs xxhash<4, which the main environment cannot have: a venv that
+# sees the main venv's packages through a .pth file and holds only datatrove's own pins in front.
+bench-install: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: bench/requirements-bench.txt $(VENV)/.installed
+	$(VENV)/bin/python -m venv --without-pip $(BENCH_VENV)
+	$(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(BENCH_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/main-packages.pth"
+	$(VENV)/bin/pip --python $(BENCH_VENV)/bin/python install --quiet -r bench/requirements-bench.txt
+	touch $@
+
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: install tf4-env
+test: install tf4-env bench-install
 	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed

@@ -17,17 +17,32 @@ COMMANDS = {
 }
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 (got {value!r})")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description="Prepare pretraining data: "
+    p = _Parser(prog="python -m data_prep", description="Prepare pretraining data: "
                                 "clean, filter, deduplicate, train a tokenizer, tokenize, shard. See data_prep/README.md.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (help_, _) in COMMANDS.items():
         c = sub.add_parser(name, help=help_, description=help_)
         c.add_argument("--config", type=Path, default=None,
                        help="prep config JSON (default: data_prep/configs/demo.json, the installed packages' docs)")
         c.add_argument("--out", type=Path, required=True, help="output directory (created; reruns resume in it)")
         c.add_argument("--executor", choices=["local", "ray"], default=None, help="override executor.type")
-        c.add_argument("--workers", type=int, default=None, help="override executor.workers (default: all cores)")
+        c.add_argument("--workers", type=_positive, default=None, help="override executor.workers (default: all cores)")
         c.add_argument("--ray-address", default=None, help="override executor.ray_address, e.g. 'auto'")
     c = sub.add_parser("config", help="print the resolved config (defaults filled in) as JSON",
                        description="print the resolved config (defaults filled in) as JSON")

@@ -34,6 +34,10 @@ class SourceConfig(_Strict):
     patterns: list[str] = Field(default_factory=lambda: list(SITE_PACKAGES_PATTERNS))
     max_bytes: int | None = Field(default=None, gt=0, description="stop adding input files past this many bytes")
     task_bytes: int = Field(default=4 << 20, gt=0, description="text_files: group small files into tasks of this size")
+    # Which quality filters this source gets: web-crawl rules (Gopher, C4, FineWeb) throw away
+    # good books, code and documentation. "web" is the `filters` section, "books" its language
+    # filter only, "code" and "none" nothing; any other name is a set of `filter_sets`.
+    filters: str = "none"
 
     @model_validator(mode="after")
     def _paths_needed(self):
@@ -43,9 +47,12 @@ class SourceConfig(_Strict):
 
 
 class ReadConfig(_Strict):
-    # Larger records are rejected as bad input ("too_large") without being read whole:
+    # Documents with more text than this are removed as "too_large" (filtered, with their id):
     # Gopher/C4 rules and ftfy are super-linear or slow on multi-megabyte pages.
     max_doc_bytes: int = Field(default=2 << 20, gt=0)
+    # A jsonl line up to this size is parsed to learn its id; a longer one is skipped in bounded
+    # chunks without parsing (too_large without an id). This bounds a reader's memory.
+    max_record_bytes: int = Field(default=64 << 20, gt=0)
 
 
 class CleanConfig(_Strict):
@@ -110,13 +117,34 @@ class LanguageConfig(_Strict):
     min_score: float = 0.65
     max_chars: int = 10_000  # classify the first N characters: linear cost, same answer in practice
 
+    @model_validator(mode="after")
+    def _known_codes(self):
+        if self.enabled:
+            from data_prep.filters import LanguageFilter
+
+            known = LanguageFilter.identifier().nb_classes
+            for i, code in enumerate(self.languages):
+                if code not in known:
+                    raise ValueError(f"languages.{i}: '{code}' is not a language code the classifier knows "
+                                     f"(ISO 639-1, e.g. 'en', 'de'; {len(known)} known)")
+        return self
+
 
 class FiltersConfig(_Strict):
-    language: LanguageConfig = LanguageConfig()
+    # How the Gopher/C4/FineWeb rules count words and sentences: "spacy" as datatrove does (the
+    # thresholds were set on those counts; agreement tested), "regex" one regular expression,
+    # much faster, its agreement not measured.
+    words: Literal["spacy", "regex"] = "spacy"
+    # A factory: the default's validation loads the classifier, which importing must not do.
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     c4: C4Config = C4Config()
     fineweb: FineWebConfig = FineWebConfig()
+
+
+BUILTIN_FILTER_SETS = ("web", "books", "code", "none")
+FILTER_NAMES = ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb")
 
 
 class ExactDedupConfig(_Strict):
@@ -124,15 +152,19 @@ class ExactDedupConfig(_Strict):
 
 
 class MinHashConfig(_Strict):
-    # 5-gram word shingles, 14 bands x 8 rows = 112 permutations: the S-curve
-    # 1-(1-s^8)^14 crosses 0.5 at s~0.72 and passes 0.92 at s=0.8 (FineWeb/datatrove use
-    # the same 14x8). Candidate pairs are then verified on the signatures so that LSH
-    # false positives (a band collision at low similarity) are never merged.
+    # Tuned for the near duplicates people make: copies with 2-6% of their words changed at
+    # scattered positions. Each changed word breaks `ngram` shingles, so such a copy has a
+    # 5-gram Jaccard near 0.6 but a 3-gram Jaccard near 0.75. 28 bands x 4 rows (112
+    # permutations): the S-curve 1-(1-s^4)^28 is 0.98 at s=0.6 and 0.04 at s=0.2.
+    # Candidates are then verified on their exact shingle Jaccard against the survivor
+    # (>= threshold), and clusters never chain (dedup.merge). FineWeb/datatrove use 5-grams,
+    # 14x8 with no verification, which finds about a quarter of such copies
+    # (bench/near_dedup.py measures both).
     enabled: bool = True
-    ngram: int = Field(default=5, ge=1)
-    bands: int = Field(default=14, ge=1)
-    rows: int = Field(default=8, ge=1)
-    threshold: float = Field(default=0.7, gt=0, le=1, description="min estimated Jaccard of a verified pair")
+    ngram: int = Field(default=3, ge=1)
+    bands: int = Field(default=28, ge=1)
+    rows: int = Field(default=4, ge=1)
+    threshold: float = Field(default=0.5, gt=0, le=1, description="min exact shingle Jaccard of a removed document and its survivor")
     seed: int = 1
     partitions: int = Field(default=16, ge=1, description="dedup partitions written to disk and clustered independently")
 
@@ -151,6 +183,12 @@ class TokenizerConfig(_Strict):
     seed: int = 1
     threads: int | None = None
     existing_model: str | None = Field(default=None, description="use this tokenizer.model instead of training")
+
+    @model_validator(mode="after")
+    def _model_exists(self):
+        if self.existing_model is not None and not Path(self.existing_model).is_file():
+            raise ValueError(f"existing_model: no such file: {self.existing_model}")
+        return self
 
 
 class ShardsConfig(_Strict):
@@ -175,7 +213,8 @@ class PrepConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
     clean: CleanConfig = CleanConfig()
-    filters: FiltersConfig = FiltersConfig()
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)  # the "web" filter set
+    filter_sets: dict[str, FiltersConfig] = {}  # custom sets, named by sources[].filters
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     minhash: MinHashConfig = MinHashConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -189,7 +228,26 @@ class PrepConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        clash = sorted(set(self.filter_sets) & set(BUILTIN_FILTER_SETS))
+        if clash:
+            raise ValueError(f"filter_sets: {clash} are built-in set names; choose other names")
+        for i, src in enumerate(self.sources):
+            if src.filters not in BUILTIN_FILTER_SETS and src.filters not in self.filter_sets:
+                raise ValueError(f"sources.{i}.filters: '{src.filters}' is neither a built-in set "
+                                 f"{list(BUILTIN_FILTER_SETS)} nor a name in filter_sets {sorted(self.filter_sets)}")
         return self
+
+    def filters_for(self, source: SourceConfig) -> FiltersConfig:
+        """The filter set a source gets (see SourceConfig.filters)."""
+        name = source.filters
+        if name == "web":
+            return self.filters
+        if name in self.filter_sets:
+            return self.filter_sets[name]
+        off = {k: {"enabled": False} for k in FILTER_NAMES}
+        if name == "books":
+            off["language"] = self.filters.language.model_dump()
+        return FiltersConfig.model_validate(off)
 
     def resolved(self) -> dict:
         """The config as it ran: what the manifest records and what resume compares.

@@ -14,55 +14,57 @@ from data_prep.config import (
     GopherRepetitionConfig,
     LanguageConfig,
 )
+from data_prep.words import PUNCTUATION, ends_in_terminal, sentence_count
+from data_prep.words import words as words_of
 
-_WORD = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
 _PARAS = re.compile(r"\n{2,}")
-_ALPHA = re.compile(r"[^\W\d_]", re.UNICODE)
-# Gopher's stop words: a document needs at least two of them.
+_LINES = re.compile(r"\n+")
+_PUNCT = "".join(PUNCTUATION)
+# Gopher's stop words: a document needs at least two of them (case-sensitive, as datatrove).
 _STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
-_BULLETS = ("•", "‣", "⁃", "◦", "▪", "▫", "●", "-", "*")
-_TERMINAL = (".", "!", "?", '"', "'", "”", "’")
-_SENTENCE_END = re.compile(r"[.!?]+(?:[\"'”’)\]]*)(?:\s|$)")
-_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+_C4_END = (".", "?", "!", '"', "'")
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_LIST_START = re.compile(r"^\s*(?:[-*•‣◦▪●]|\d+[.)])\s")
 
-
-def words_of(text: str) -> list[str]:
-    return text.split()
+# Each rule below follows datatrove 0.10.1's filter of the same name (the implementation
+# FineWeb used) step for step, with the same words (data_prep.words); the removal reasons are
+# ours.
 
 
 class GopherQuality:
     name = "gopher_quality"
 
-    def __init__(self, cfg: GopherQualityConfig):
-        self.c = cfg
+    def __init__(self, cfg: GopherQualityConfig, splitter: str = "spacy"):
+        self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
-        words = _WORD.findall(text)
+        words = words_of(rec, self.splitter)
         n = len(words)
-        if n < c.min_doc_words:
+        # A word is a token with a character that is not punctuation ("," and "--" are not).
+        real = [w for w in words if w.strip(_PUNCT)]
+        if len(real) < c.min_doc_words:
             return "min_doc_words"
-        if n > c.max_doc_words:
+        if len(real) > c.max_doc_words:
             return "max_doc_words"
-        avg = sum(map(len, words)) / n
+        avg = sum(map(len, real)) / len(real)
         if avg < c.min_avg_word_length:
             return "min_avg_word_length"
         if avg > c.max_avg_word_length:
             return "max_avg_word_length"
-        if (text.count("#") + text.count("...") + text.count("…")) / n > c.max_symbol_word_ratio:
-            return "symbol_word_ratio"
-        lines = text.split("\n")
-        if sum(l.lstrip().startswith(_BULLETS) for l in lines) / len(lines) > c.max_bullet_lines_ratio:
+        if text.count("#") / n > c.max_symbol_word_ratio:
+            return "hash_word_ratio"
+        if (text.count("...") + text.count("…")) / n > c.max_symbol_word_ratio:
+            return "ellipsis_word_ratio"
+        lines = text.splitlines()
+        if sum(l.lstrip().startswith(("•", "-")) for l in lines) / len(lines) > c.max_bullet_lines_ratio:
             return "bullet_lines_ratio"
         if sum(l.rstrip().endswith(("...", "…")) for l in lines) / len(lines) > c.max_ellipsis_lines_ratio:
             return "ellipsis_lines_ratio"
-        raw = text.split()
-        if sum(1 for w in raw if _ALPHA.search(w)) / max(len(raw), 1) < c.max_non_alpha_words_ratio:
+        # Every token counts here, punctuation included: the 80% is of tokens with a letter.
+        if sum(1 for w in words if any(map(str.isalpha, w))) / n < c.max_non_alpha_words_ratio:
             return "alpha_words_ratio"
-        lower = {w.lower() for w in words}
-        if len(lower & _STOP_WORDS) < c.min_stop_words:
+        if len(_STOP_WORDS.intersection(words)) < c.min_stop_words:
             return "stop_words"
         return None
 
@@ -83,68 +85,82 @@ def _dup_stats(items: list[str]) -> tuple[int, int]:
 class GopherRepetition:
     name = "gopher_repetition"
 
-    def __init__(self, cfg: GopherRepetitionConfig):
-        self.c = cfg
+    def __init__(self, cfg: GopherRepetitionConfig, splitter: str = "spacy"):
+        self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
-        paras = [p for p in _PARAS.split(text.strip()) if p]
+        paras = _PARAS.split(text.strip())
         n, chars = _dup_stats(paras)
-        if paras and n / len(paras) > c.dup_para_frac:
+        if n / len(paras) > c.dup_para_frac:
             return "dup_para_frac"
-        if chars / max(len(text), 1) > c.dup_para_char_frac:
+        if chars / len(text) > c.dup_para_char_frac:
             return "dup_para_char_frac"
-        lines = [l for l in text.split("\n") if l]
+        lines = _LINES.split(text)
         n, chars = _dup_stats(lines)
-        if lines and n / len(lines) > c.dup_line_frac:
+        if n / len(lines) > c.dup_line_frac:
             return "dup_line_frac"
-        if chars / max(len(text), 1) > c.dup_line_char_frac:
+        if chars / len(text) > c.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = _WORD.findall(text.lower())
+        words = words_of(rec, self.splitter)
         if not words:
             return None
-        return _ngram_rules(words, c.top_n_grams, c.dup_n_grams)
+        # Character fractions are of the whole text, as in datatrove.
+        return _ngram_rules(words, c.top_n_grams, c.dup_n_grams, len(text))
 
 
-def _ngram_rules(words: list[str], top_n_grams, dup_n_grams) -> str | None:
-    """Gopher's n-gram repetition rules, vectorised: word ids -> n-gram hashes by shifted
-    slices, repeats by np.unique. Equality of ids stands in for equality of words (a 64-bit
-    collision inside one document is not a practical concern)."""
+def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) -> str | None:
+    """Gopher's n-gram repetition rules. n-grams are compared by hashes of word ids built with
+    shifted numpy slices (equal ids stand in for equal words; a 64-bit collision inside one
+    document is not a practical concern).
+
+    top n-gram: characters of the most frequent n-gram (words joined by spaces) times its
+    count; ties go to the n-gram seen first, as Counter.most_common does.
+    duplicated n-grams: a left-to-right scan that counts the characters of an n-gram seen
+    before and then jumps past it, so overlapping repeats are counted once (datatrove's
+    find_all_duplicate)."""
     import numpy as np
 
     ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
     lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    total = int(lens.sum()) or 1
     cum = np.concatenate([[0], np.cumsum(lens)])
     mult = np.uint64(0x9E3779B97F4A7C15)
+    top = dict(top_n_grams)
+    dup = dict(dup_n_grams)
+    hashes: dict[int, np.ndarray] = {}
     h = ids.copy()
     with np.errstate(over="ignore"):
-        for k in range(2, max(n for n, _ in list(top_n_grams) + list(dup_n_grams)) + 1):
+        for k in range(2, max(list(top) + list(dup)) + 1):
             m = len(words) - k + 1
             if m <= 0:
                 break
             h = h[:m] * mult + ids[k - 1 : k - 1 + m]
-            top = next((f for n, f in top_n_grams if n == k), None)
-            dup = next((f for n, f in dup_n_grams if n == k), None)
-            if top is None and dup is None:
-                continue
-            _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
-            if top is not None:
-                best = counts.max()
-                if best > 1:
-                    # Ties go to the n-gram seen first, as Counter.most_common does.
-                    start = int(first[counts == best].min())
-                    if (cum[start + k] - cum[start]) * best / total > top:
-                        return f"top_{k}_gram"
-            if dup is not None:
-                starts = np.flatnonzero(counts[inverse] > 1)
-                if len(starts):
-                    cover = np.zeros(len(words) + 1, dtype=np.int64)
-                    np.add.at(cover, starts, 1)
-                    np.add.at(cover, starts + k, -1)
-                    covered = np.cumsum(cover[:-1]) > 0
-                    if lens[covered].sum() / total > dup:
-                        return f"dup_{k}_gram"
+            hashes[k] = h
+    for k, frac in top_n_grams:
+        if k not in hashes:
+            continue
+        _, first, counts = np.unique(hashes[k], return_index=True, return_counts=True)
+        best = counts.max()
+        start = int(first[counts == best].min())
+        if (cum[start + k] - cum[start] + k - 1) * int(best) / text_chars > frac:
+            return f"top_{k}_gram"
+    for k, frac in dup_n_grams:
+        if k not in hashes:
+            continue
+        seen: set[int] = set()
+        repeated = i = 0
+        hk = hashes[k].tolist()
+        m = len(hk)
+        while i < m:
+            g = hk[i]
+            if g in seen:
+                repeated += int(cum[i + k] - cum[i])
+                i += k
+            else:
+                seen.add(g)
+                i += 1
+        if repeated / text_chars > frac:
+            return f"dup_{k}_gram"
     return None
 
 
@@ -153,62 +169,59 @@ class C4Rules:
 
     name = "c4"
 
-    def __init__(self, cfg: C4Config):
-        self.c = cfg
+    def __init__(self, cfg: C4Config, splitter: str = "spacy"):
+        self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
         c = self.c
-        low = rec.text.lower()
-        if c.filter_lorem_ipsum and "lorem ipsum" in low:
-            return "lorem_ipsum"
-        if c.filter_curly_bracket and "{" in rec.text:
-            return "curly_bracket"
-        kept = []
-        for line in rec.text.split("\n"):
-            line = _CITATION.sub("", line).strip()
-            if not line:
-                continue
+        kept, sentences = [], 0
+        for line in rec.text.splitlines():
+            line = line.strip()
             words = line.split()
-            if c.remove_lines_without_terminal_punct and not line.endswith(_TERMINAL):
+            if any(len(w) > c.max_word_length for w in words):
+                continue
+            line = _CITATION.sub("", line)
+            if c.remove_lines_without_terminal_punct and (not line.endswith(_C4_END) or line.endswith("...")):
                 continue
             if len(words) < c.min_words_per_line:
                 continue
-            if max(map(len, words)) > c.max_word_length:
+            low = line.lower()
+            # Document rules apply to the lines that survive the line rules, as in C4's code.
+            if c.filter_lorem_ipsum and "lorem ipsum" in low:
+                return "lorem_ipsum"
+            if c.filter_javascript and "javascript" in low:
                 continue
-            ll = line.lower()
-            if c.filter_javascript and "javascript" in ll:
+            if c.filter_curly_bracket and "{" in line:
+                return "curly_bracket"
+            if c.filter_policy and any(p in low for p in _POLICY):
                 continue
-            if c.filter_policy and any(p in ll for p in _POLICY):
-                continue
+            sentences += sentence_count(line, self.splitter)
             kept.append(line)
-        text = "\n".join(kept)
-        if not text:
-            return "no_lines_left"
-        if len(_SENTENCE_END.findall(text)) < c.min_num_sentences:
+        if sentences < c.min_num_sentences:
             return "min_num_sentences"
-        rec.text = text
+        rec.text = "\n".join(kept).strip()
         return None
 
 
 class FineWebRules:
     name = "fineweb"
 
-    def __init__(self, cfg: FineWebConfig):
-        self.c = cfg
+    def __init__(self, cfg: FineWebConfig, splitter: str = "spacy"):
+        self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
         lines = [l for l in text.split("\n") if l.strip()]
         if not lines:
             return "empty_lines"
-        if sum(l.rstrip().endswith(_TERMINAL) for l in lines) / len(lines) < c.line_punct_thr:
+        if sum(map(ends_in_terminal, lines)) / len(lines) < c.line_punct_thr:
             return "line_punct_ratio"
         if sum(len(l) <= c.short_line_length for l in lines) / len(lines) > c.short_line_thr:
             return "short_line_ratio"
         _, dup_chars = _dup_stats(lines)
-        if dup_chars / max(len(text.replace("\n", "")), 1) > c.char_duplicates_ratio:
+        if dup_chars / len(text.replace("\n", "")) > c.char_duplicates_ratio:
             return "char_dup_ratio"
-        if text.count("\n") / max(len(text.split()), 1) > c.new_line_ratio:
+        if text.count("\n") / max(len(words_of(rec, self.splitter)), 1) > c.new_line_ratio:
             return "new_line_ratio"
         return None
 
@@ -238,16 +251,14 @@ class LanguageFilter:
 
 
 def build_filters(cfg: FiltersConfig) -> list:
-    """The filter stages in the order they run: cheap and text-editing rules first."""
+    """The filter stages in the order they run."""
     stages = []
     if cfg.language.enabled:
         stages.append(LanguageFilter(cfg.language))
-    if cfg.c4.enabled:
-        stages.append(C4Rules(cfg.c4))
-    if cfg.gopher_quality.enabled:
-        stages.append(GopherQuality(cfg.gopher_quality))
-    if cfg.gopher_repetition.enabled:
-        stages.append(GopherRepetition(cfg.gopher_repetition))
-    if cfg.fineweb.enabled:
-        stages.append(FineWebRules(cfg.fineweb))
+    # FineWeb's order: repetition, quality, C4 (which edits lines), then FineWeb's own rules.
+    for on, rule, c in ((cfg.gopher_repetition.enabled, GopherRepetition, cfg.gopher_repetition),
+                        (cfg.gopher_quality.enabled, GopherQuality, cfg.gopher_quality),
+                        (cfg.c4.enabled, C4Rules, cfg.c4), (cfg.fineweb.enabled, FineWebRules, cfg.fineweb)):
+        if on:
+            stages.append(rule(c, cfg.words))
     return stages

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_prep.config import PrepConfig, SourceConfig, site_packages_dir
-from data_prep.readers import ReadError
+from data_prep.readers import CODECS, ReadError
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+JSONL_SUFFIXES = tuple(base + codec for base in (".jsonl", ".json") for codec in ("", *CODECS))
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Task:
         return (self.index << 32) | ordinal
 
 
-def _expand(paths: list[str], want) -> list[str]:
+def _expand(paths: list[str], want, wanted: str) -> list[str]:
     out: list[str] = []
     for p in paths:
         hits = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
@@ -41,9 +41,12 @@ def _expand(paths: list[str], want) -> list[str]:
             raise ReadError(f"{p}: no input matches")
         for h in hits:
             if os.path.isdir(h):
+                n = len(out)
                 for dirpath, dirnames, filenames in os.walk(h):
                     dirnames.sort()
                     out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if want(f))
+                if len(out) == n:
+                    raise ReadError(f"{h}: directory has no {wanted} files")
             elif not os.path.exists(h):
                 raise ReadError(f"{h}: no such file")
             else:
@@ -108,12 +111,14 @@ def make_plan(cfg: PrepConfig) -> list[Task]:
                     group, size = [], 0
             if group:
                 tasks.append(Task(len(tasks), src.name, "text", root, group, size))
+            if not files:
+                raise ReadError(f"source '{src.name}': no file under {', '.join(src.paths or [root])} matches {src.patterns}")
             continue
         if src.type == "hf_dataset":
             files = [f for p in src.paths for f in _hf_dataset_files(p)]
         else:
-            want = (lambda f: f.endswith(JSONL_SUFFIXES)) if src.type == "jsonl" else (lambda f: f.endswith(".parquet"))
-            files = _expand(src.paths, want)
+            suffixes = JSONL_SUFFIXES if src.type == "jsonl" else (".parquet",)
+            files = _expand(src.paths, lambda f: f.endswith(suffixes), "/".join(suffixes))
         total = 0
         for f in files:
             n = _check_readable(f)

@@ -33,6 +33,7 @@ from data_prep.stats import Histogram
 
 DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.large_string())])
 BATCH_DOCS = 2048
+SAMPLES_PER_REASON, SAMPLE_CHARS = 3, 300
 
 
 def exact_key(text: str) -> bytes:
@@ -61,7 +62,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     tmp.mkdir(parents=True)
     src = next(s for s in cfg.sources if s.name == task.source)
     cleaner = Cleaner(cfg.clean, html=src.html)
-    filters = build_filters(cfg.filters)
+    filters = build_filters(cfg.filters_for(src))
     hasher = MinHasher(cfg.minhash.num_perm, cfg.minhash.seed) if cfg.minhash.enabled else None
     P = cfg.minhash.partitions
 
@@ -71,6 +72,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     reason_bytes: Counter = Counter()
     stage_in: Counter = Counter()
     chars_hist = Histogram()
+    incomplete: list[dict] = []  # files that could not be read to their end
+    samples: dict[str, list] = {}  # a few removed documents per reason, for summary.md
     rejected = open(tmp / "rejected.jsonl", "w")
     removed = open(tmp / "removed.jsonl", "w") if cfg.output.write_removed else None
     writer = pa.ipc.new_stream(str(tmp / "docs.arrow"), DOCS_SCHEMA)
@@ -106,21 +109,29 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         reasons[f"{outcome}:{reason}"] += 1
         reason_bytes[f"{outcome}:{reason}"] += rec.nbytes
         row = {"file": rec.file, "line": rec.line, "id": rec.id, "outcome": outcome, "reason": reason}
+        if reason == "truncated_file":
+            row["records_read_before"] = rec.read_before
+            incomplete.append({"file": rec.file, "records_read": rec.read_before})
         rejected.write(json.dumps(row, ensure_ascii=False) + "\n")
         if removed is not None:
             removed.write(json.dumps({**row, "text": rec.text}, ensure_ascii=False) + "\n")
+        got = samples.setdefault(f"{outcome}:{reason}", [])
+        if len(got) < SAMPLES_PER_REASON:
+            got.append({"where": rec.where, "id": rec.id, "text": (rec.text or "")[:SAMPLE_CHARS]})
 
     ordinal = 0
     for path in task.files:
         rel = str(Path(path).relative_to(task.root)) if path.startswith(task.root) else path
         rel = f"{task.source}/{rel}"
-        for rec in read_file(task.kind, path, rel, src.text_field, src.id_field, cfg.read.max_doc_bytes):
+        for rec in read_file(task.kind, path, rel, src.text_field, src.id_field, cfg.read.max_doc_bytes,
+                             cfg.read.max_record_bytes):
             gid = task.gid(ordinal)
             ordinal += 1
             counts["input"] += 1
             nbytes["input"] += rec.nbytes
             if rec.bad is not None:
-                reject(rec, BAD_INPUT, rec.bad)
+                # An oversized document is a legitimate one over the configured limit, not bad input.
+                reject(rec, FILTERED if rec.bad == "too_large" else BAD_INPUT, rec.bad)
                 continue
             if cleaner(rec) is not None:
                 reject(rec, BAD_INPUT, "empty")
@@ -165,6 +176,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         "reasons": dict(sorted(reasons.items())), "reason_bytes": dict(sorted(reason_bytes.items())),
         "filter_inputs": [[f.name, stage_in[f.name]] for f in filters],  # in the order they run
         "chars_hist": chars_hist.to_json(),
+        "incomplete_files": incomplete,
+        "samples": samples,
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
     commit_dir(tmp, final)

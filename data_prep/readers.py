@@ -1,16 +1,21 @@
-"""Read stage: stream records out of jsonl(.gz/.zst), parquet, saved Hugging Face datasets and
-plain text files (whole file = one document; for a .py file, its docstrings), one record at a time, never the whole input in memory.
+"""Read stage: stream records out of jsonl (plain or .gz/.zst/.bz2/.xz), parquet, saved Hugging
+Face datasets and plain text files (whole file = one document; for a .py file, its docstrings),
+one record at a time, never the whole input in memory.
 
-A reader never raises on bad content: malformed JSON, invalid UTF-8, a missing or non-string
-text field, an oversized record or a truncated compressed stream become `Record(bad=reason)`
-with file and line, and reading goes on. A file that cannot be opened at all raises ReadError.
+Nothing is lost silently. Bad content (malformed JSON, invalid UTF-8, a missing or non-string
+text field, an oversized record) becomes `Record(bad=reason)` with file and line, and reading
+goes on. A compressed stream that ends early or is corrupt after some records becomes one
+`truncated_file` record whose `kept` says how many records came before it. Everything else
+stops the run with one ReadError line naming the file: it cannot be opened, an I/O error
+while reading, or its content is not what its name says (a plain file named `.gz`).
 """
 from __future__ import annotations
 
-import gzip
+import bz2
 import inspect
 import io
 import json
+import lzma
 import re
 import zlib
 from pathlib import Path
@@ -23,17 +28,92 @@ class ReadError(RuntimeError):
     pass
 
 
+class Truncated(Exception):
+    """The compressed stream ended before its end marker, or is corrupt past its start."""
+
+
+def _zstd():
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+# suffix -> (codec name for messages, new decompressor). Every one of them has `.eof` and
+# `.unused_data`, which is what tells a complete stream from a cut one.
+CODECS = {
+    ".gz": ("gzip", lambda: zlib.decompressobj(wbits=31)),
+    ".zst": ("zstd", _zstd),
+    ".bz2": ("bzip2", bz2.BZ2Decompressor),
+    ".xz": ("xz", lzma.LZMADecompressor),
+}
+
+
+class _Decompressed(io.RawIOBase):
+    """A compressed file as a raw stream of its decompressed bytes, multi-member/multi-frame.
+
+    The codecs' own file objects cannot be trusted to report a cut stream (zstandard's
+    stream_reader returns a clean EOF), so the end is checked here: input exhausted while the
+    decompressor has not seen its end marker raises Truncated."""
+
+    def __init__(self, raw, path: str, codec: str, new):
+        self.raw, self.path, self.codec, self.new = raw, path, codec, new
+        self.dec = new()
+        self.started = False  # the codec accepted some input: later failures are corruption, not a wrong format
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _chunk(self) -> bytes:
+        while True:
+            data = self.raw.read(1 << 16)  # OSError propagates: the caller names the file
+            if not data:
+                if self.started and self.dec.eof:
+                    return b""
+                if not self.started:
+                    raise ReadError(f"{self.path}: not a {self.codec} file (it is empty)")
+                raise Truncated
+            try:
+                out = self.dec.decompress(data)
+                while self.dec.eof and self.dec.unused_data:  # the next member / frame
+                    rest = self.dec.unused_data
+                    self.dec = self.new()
+                    out += self.dec.decompress(rest)
+            except (zlib.error, lzma.LZMAError, OSError, EOFError) as e:
+                if not self.started:
+                    raise ReadError(f"{self.path}: not a {self.codec} file ({e})") from None
+                raise Truncated from None
+            except Exception as e:  # zstandard.ZstdError
+                if type(e).__name__ != "ZstdError":
+                    raise
+                if not self.started:
+                    raise ReadError(f"{self.path}: not a {self.codec} file ({e})") from None
+                raise Truncated from None
+            self.started = True
+            if out:
+                return out
+
+    def readinto(self, b) -> int:
+        if not self.pending:
+            self.pending = self._chunk()
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
 def _open_binary(path: str) -> io.BufferedIOBase:
     try:
         raw = open(path, "rb")
     except OSError as e:
         raise ReadError(f"{path}: cannot open: {e.strerror}") from None
-    if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw)
-    if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    for suffix, (codec, new) in CODECS.items():
+        if path.endswith(suffix):
+            return io.BufferedReader(_Decompressed(raw, path, codec, new), 1 << 20)
     return raw
 
 
@@ -45,34 +125,38 @@ def _doc_id(value, fallback: str) -> str:
     return fallback
 
 
-def read_jsonl(path: str, text_field: str, id_field: str | None, max_bytes: int, rel: str) -> Iterator[Record]:
+def read_jsonl(path: str, text_field: str, id_field: str | None, max_bytes: int, rel: str,
+               max_record_bytes: int = 64 << 20) -> Iterator[Record]:
+    """Records up to max_record_bytes are parsed, so that one whose text is over max_bytes is
+    reported `too_large` with its id; longer lines are skipped in bounded chunks, unparsed."""
+    limit = max(max_record_bytes, max_bytes)
     f = _open_binary(path)
     line = 0
     with f:
         while True:
             line += 1
             try:
-                raw = f.readline(max_bytes + 1)
+                raw = f.readline(limit + 1)
                 if not raw:
                     return
-                if len(raw) > max_bytes and not raw.endswith(b"\n"):
-                    # Skip the rest of an oversized line in bounded chunks.
+                if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
+                if len(raw) > limit and not raw.endswith(b"\n"):
                     n = len(raw)
                     while raw and not raw.endswith(b"\n"):
                         raw = f.readline(1 << 20)
                         n += len(raw)
                     yield Record(rel, line, bad="too_large", nbytes=n)
                     continue
-            except (EOFError, OSError, zlib.error):
-                # Truncated or corrupt compressed stream: nothing after this point is readable.
-                yield Record(rel, line, bad="truncated_file")
+            except Truncated:
+                yield Record(rel, line, bad="truncated_file", read_before=line - 1)
                 return
-            except Exception as e:  # zstandard.ZstdError and friends
-                if type(e).__name__ == "ZstdError":
-                    yield Record(rel, line, bad="truncated_file")
-                    return
-                raise
-            yield _parse_json_line(raw, rel, line, text_field, id_field)
+            except OSError as e:
+                raise ReadError(f"{path}: I/O error after line {line - 1}: {e.strerror or e}") from None
+            rec = _parse_json_line(raw, rel, line, text_field, id_field)
+            if rec.bad is None and len(raw) > max_bytes and len(rec.text.encode("utf-8", "surrogatepass")) > max_bytes:
+                rec = Record(rel, line, rec.id, bad="too_large", nbytes=len(raw))
+            yield rec
 
 
 def _parse_json_line(raw: bytes, rel: str, line: int, text_field: str, id_field: str | None) -> Record:
@@ -113,13 +197,16 @@ def read_text_file(path: str, max_bytes: int, rel: str) -> Iterator[Record]:
         f = open(path, "rb")
     except OSError as e:
         raise ReadError(f"{path}: cannot open: {e.strerror}") from None
-    with f:
-        data = f.read(max_bytes + 1)
+    try:
+        with f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ReadError(f"{path}: I/O error: {e.strerror or e}") from None
     if len(data) > max_bytes:
-        yield Record(rel, 1, bad="too_large", nbytes=Path(path).stat().st_size)
+        yield Record(rel, 1, rel, bad="too_large", nbytes=Path(path).stat().st_size)
         return
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         yield Record(rel, 1, bad="invalid_utf8", nbytes=len(data))
         return
@@ -154,10 +241,11 @@ def _arrow_rows(batches, rel: str, text_field: str, id_field: str | None, max_by
                 yield Record(rel, row, bad="missing_text")
                 continue
             n = len(text.encode("utf-8", "surrogatepass"))
+            doc_id = _doc_id(ids[i] if ids else None, f"{rel}:{row}")
             if n > max_bytes:
-                yield Record(rel, row, bad="too_large", nbytes=n)
+                yield Record(rel, row, doc_id, bad="too_large", nbytes=n)
                 continue
-            yield Record(rel, row, _doc_id(ids[i] if ids else None, f"{rel}:{row}"), text, nbytes=n)
+            yield Record(rel, row, doc_id, text, nbytes=n)
 
 
 def read_parquet(path: str, text_field: str, id_field: str | None, max_bytes: int, rel: str) -> Iterator[Record]:
@@ -187,11 +275,23 @@ def read_arrow_stream(path: str, text_field: str, id_field: str | None, max_byte
     yield from _arrow_rows(reader, rel, text_field, id_field, max_bytes, reader.schema)
 
 
-def read_file(kind: str, path: str, rel: str, text_field: str, id_field: str | None, max_bytes: int) -> Iterator[Record]:
+def read_file(kind: str, path: str, rel: str, text_field: str, id_field: str | None, max_bytes: int,
+              max_record_bytes: int = 64 << 20) -> Iterator[Record]:
     if kind == "jsonl":
-        return read_jsonl(path, text_field, id_field, max_bytes, rel)
+        return read_jsonl(path, text_field, id_field, max_bytes, rel, max_record_bytes)
     if kind == "parquet":
-        return read_parquet(path, text_field, id_field, max_bytes, rel)
+        return _arrow_io(path, read_parquet(path, text_field, id_field, max_bytes, rel))
     if kind == "hf_dataset":
-        return read_arrow_stream(path, text_field, id_field, max_bytes, rel)
+        return _arrow_io(path, read_arrow_stream(path, text_field, id_field, max_bytes, rel))
     return read_text_file(path, max_bytes, rel)
+
+
+def _arrow_io(path: str, records: Iterator[Record]) -> Iterator[Record]:
+    """An Arrow or parquet file that fails while being read (an I/O error, a cut file) stops
+    the run naming it: rows cannot be counted past the failure."""
+    import pyarrow as pa
+
+    try:
+        yield from records
+    except (OSError, pa.ArrowException) as e:
+        raise ReadError(f"{path}: read failed: {e}") from None

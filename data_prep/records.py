@@ -1,7 +1,7 @@
 """What flows between the read, clean and filter stages: one `Record` per input record."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Outcomes: every input record ends in exactly one of these (stats.json adds them up).
 KEPT = "kept"
@@ -20,6 +20,8 @@ class Record:
     text: str | None = None
     bad: str | None = None  # bad-input reason; text is None then
     nbytes: int = 0  # size of the raw record as read
+    read_before: int = 0  # truncated_file: records read from the file before the cut
+    words_cache: tuple | None = field(default=None, repr=False, compare=False)  # words.words()
 
     @property
     def where(self) -> str:

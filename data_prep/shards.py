@@ -131,7 +131,8 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
             keep_texts.append(text)
             keep_split.append("validation" if is_validation(task.source, doc_id, sc.validation_fraction, sc.split_seed) else "train")
         for i in range(0, len(keep_texts), ENCODE_BATCH):
-            encoded = sp.encode(keep_texts[i : i + ENCODE_BATCH], add_bos=sc.add_bos, add_eos=sc.add_eos)
+            # One thread: a task is one core's work (the executor runs one process per core).
+            encoded = sp.encode(keep_texts[i : i + ENCODE_BATCH], add_bos=sc.add_bos, add_eos=sc.add_eos, num_threads=1)
             by_split: dict[str, list] = {"train": [], "validation": []}
             for ids_, split in zip(encoded, keep_split[i : i + ENCODE_BATCH]):
                 by_split[split].append(ids_)

@@ -83,6 +83,8 @@ class Context:
 
 def open_context(cfg: PrepConfig, out: Path) -> Context:
     """Create OUT/work, or check that an existing one was made by the same config."""
+    if out.exists() and not out.is_dir():
+        raise StageError(f"{out}: --out must be a directory (it is a file)")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / "config.json"
@@ -124,7 +126,7 @@ def _near(ctx: Context, p: int) -> int:
     out = ctx.dedup_dir / f"near-{p:03d}.npy"
     if not out.exists():
         store = dedup.SignatureStore(ctx.prepare_dir)
-        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold))
+        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold, ctx.cfg.minhash.ngram))
     return p
 
 
@@ -204,10 +206,12 @@ class TrainTokenizer(Stage):
     name, command = "train_tokenizer", "train-tokenizer"
 
     def run(self, ctx, ex):
-        from data_prep.tokenizer import export_hf, train_sentencepiece
         from data_prep.sample import write_sample
+        from data_prep.tokenizer import export_hf
 
         tc = ctx.cfg.tokenizer
+        _require(ctx, ctx.task_dirs(), "prepare")
+        _some_document_left(ctx)
         ctx.tokenizer_dir.mkdir(parents=True, exist_ok=True)
         if not ctx.model_file.exists():
             if tc.existing_model:
@@ -219,9 +223,37 @@ class TrainTokenizer(Stage):
                 if not sample.exists():
                     write_sample(ctx, ex, sample)
                 threads = tc.threads or os.cpu_count() or 1
-                LocalSingle().run("train tokenizer", lambda: train_sentencepiece(sample, ctx.tokenizer_dir, tc, threads))
+                LocalSingle().run("train tokenizer", lambda: _train(sample, ctx.tokenizer_dir, tc, threads))
         if not (ctx.tokenizer_dir / "tokenizer.json").exists():
             LocalSingle().run("export HF files", lambda: export_hf(ctx.model_file, ctx.tokenizer_dir))
+
+
+def _some_document_left(ctx: Context) -> None:
+    stats = [json.loads((d / "stats.json").read_text()) for d in ctx.task_dirs()]
+    if sum(s["records"].get("passed_filters", 0) for s in stats) == 0:
+        n = sum(s["records"].get("input", 0) for s in stats)
+        reasons: dict = {}
+        for s in stats:
+            for k, v in s["reasons"].items():
+                reasons[k] = reasons.get(k, 0) + v
+        top = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        raise StageError(f"no document is left after reading and filtering ({n} input records; {top or 'none read'}); "
+                         f"see {ctx.prepare_dir}/task-*/rejected.jsonl, and disable or relax filters in the config")
+
+
+def _train(sample: Path, out_dir: Path, tc, threads: int) -> None:
+    import re
+
+    from data_prep.tokenizer import train_sentencepiece
+
+    try:
+        train_sentencepiece(sample, out_dir, tc, threads)
+    except RuntimeError as e:
+        m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        if not m:
+            raise
+        raise StageError(f"tokenizer.vocab_size: {m.group(1)} is more than the training sample supports "
+                         f"(at most {m.group(2)}); lower it, or raise tokenizer.sample_bytes or add input") from None
 
 
 class Tokenize(Stage):

@@ -43,7 +43,7 @@ def _add(a: dict, b: dict) -> None:
         a[k] = a.get(k, 0) + v
 
 
-def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20) -> dict:
+def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3) -> dict:
     records: dict = {}
     nbytes: dict = {}
     reasons: dict = {}
@@ -51,6 +51,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
     filter_inputs: dict = {}
     per_source: dict = {}
     chars, tokens = Histogram(), Histogram()
+    incomplete = [f for p in prepare for f in p.get("incomplete_files", [])]
     for p, t in zip(prepare, tokenize):
         rec = {k: v for k, v in p["records"].items() if k != "passed_filters"}
         _add(rec, t["records"])
@@ -61,9 +62,15 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
         _add(reasons, p["reasons"])
         _add(reason_bytes, p["reason_bytes"])
         _add(filter_inputs, dict(p["filter_inputs"]))  # a list of pairs: keeps the filters' order
-        src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0})
+        src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0, "reasons": {},
+                                                  "reason_bytes": {}, "samples": {}})
         _add(src["records"], rec)
         _add(src["bytes"], byt)
+        _add(src["reasons"], p["reasons"])
+        _add(src["reason_bytes"], p["reason_bytes"])
+        for reason, docs in p.get("samples", {}).items():
+            have = src["samples"].setdefault(reason, [])
+            have.extend(docs[: max_examples_per_reason - len(have)])
         src["tokens"] += t["tokens"]
         chars.merge(Histogram.from_json(p["chars_hist"]))
         tokens.merge(Histogram.from_json(t["tokens_hist"]))
@@ -75,7 +82,11 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples: int = 20)
     for s in per_source.values():
         s["accounting_ok"] = sum(s["records"].get(o, 0) for o in OUTCOMES) == s["records"].get("input", 0)
     return {
-        "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok},
+        # Input is what could be read: a file cut short counts up to its cut (one truncated_file
+        # record stands for the unreadable rest), and is listed here so that nobody mistakes
+        # "adds up" for "read everything".
+        "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok,
+                       "incomplete_files": incomplete},
         "records": dict(sorted(records.items())),
         "bytes": dict(sorted(nbytes.items())),
         "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
@@ -97,7 +108,9 @@ def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict,
     rows = []
     docs = records.get("input", 0)
     n, b = removed("bad_input:", exclude="bad_input:empty")
-    rows.append({"stage": "read", "in": docs, "removed": n, "removed_bytes": b})
+    n2, b2 = removed("filtered:too_large")
+    rows.append({"stage": "read", "in": docs, "removed": n + n2, "removed_bytes": b + b2})
+    n += n2
     docs -= n
     n, b = removed("bad_input:empty")
     rows.append({"stage": "clean", "in": docs, "removed": n, "removed_bytes": b})
@@ -119,6 +132,9 @@ def write_summary(stats: dict, out: Path) -> str:
     lines = ["# Data prep summary", ""]
     acc = stats["accounting"]
     lines.append(f"Input records: {acc['input_records']:,}; outcomes add up: {'yes' if acc['ok'] else 'NO'}")
+    for f in acc.get("incomplete_files", []):
+        lines.append(f"- **{f['file']} could not be read to its end**: {f['records_read']:,} records read before the cut "
+                     "(counted above); the rest of the file is not in the input count")
     lines += ["", "| outcome | records | bytes |", "|---|---:|---:|"]
     for o in OUTCOMES:
         lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
@@ -129,9 +145,22 @@ def write_summary(stats: dict, out: Path) -> str:
     for name, s in stats["sources"].items():
         lines.append(f"| {name} | {s['records'].get('input', 0):,} | {s['records'].get('kept', 0):,} | "
                      f"{s['bytes'].get('kept', 0):,} | {s['tokens']:,} |")
-    lines += ["", "| removal reason | records |", "|---|---:|"]
-    for k, v in sorted(stats["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"| {k} | {v:,} |")
+    lines += ["", "## Removed, per source and rule", "", "| source | rule | documents | bytes | share of the source's input bytes |",
+              "|---|---|---:|---:|---:|"]
+    for name, s in stats["sources"].items():
+        total = s["bytes"].get("input", 0) or 1
+        for k, v in sorted(s["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+            b = s["reason_bytes"].get(k, 0)
+            lines.append(f"| {name} | {k} | {v:,} | {b:,} | {100 * b / total:.1f}% |")
+    lines += ["", "## Samples of removed documents (first of each source and rule)", ""]
+    for name, s in stats["sources"].items():
+        for reason, docs in sorted(s["samples"].items()):
+            lines.append(f"### {name}: {reason}")
+            lines.append("")
+            for d in docs:
+                text = " ".join(d["text"].split())
+                lines.append(f"- `{d['where']}` id `{d['id']}`: {text[:200]}{'...' if len(text) > 200 else ''}")
+            lines.append("")
     lines += ["", "Plots: plots/outcomes.png, plots/document_chars.png, plots/document_tokens.png", ""]
     text = "\n".join(lines)
     return text

@@ -1,17 +1,20 @@
 """Exact and MinHash deduplication on planted duplicates, through the real prepare and dedup
 stages (files on disk, partitions, union-find merge)."""
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from prep_corpus import real_documents, tiny_config, write_jsonl
-from data_prep.config import PrepConfig
-from data_prep.dedup import KIND_EXACT, KIND_NEAR, merge, PAIR_DTYPE
+from data_prep.config import MinHashConfig, PrepConfig
+from data_prep.dedup import KIND_EXACT, KIND_NEAR, PAIR_DTYPE, jaccard, merge, shingle_sets
 from data_prep.executor import LocalExecutor
-from data_prep.minhash import shingle_hashes
 from data_prep.stages import STAGES, open_context
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from near_dedup import scattered_edits  # noqa: E402  the benchmark's edits, so both measure the same thing
 
 
 def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str, str]]:
@@ -32,31 +35,14 @@ def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str,
     return {ids[int(r["gid"])]: (kinds[int(r["kind"])], ids[int(r["survivor"])]) for r in removed}
 
 
-def _edit(words: list[str], frac: float, rng: random.Random, vocab: list[str], spans: int = 3) -> list[str]:
-    """Replace/insert/delete about frac of the words, in a few contiguous spans (how real
-    near-duplicates differ: a changed date line, an edited sentence, a new footer)."""
-    out = list(words)
-    per = max(1, round(frac * len(words) / spans))
-    for _ in range(spans):
-        i = rng.randrange(0, len(out) - per)
-        op = rng.choice(["replace", "insert", "delete"])
-        if op == "replace":
-            out[i : i + per] = [rng.choice(vocab) for _ in range(per)]
-        elif op == "insert":
-            out[i:i] = [rng.choice(vocab) for _ in range(per)]
-        else:
-            del out[i : i + per]
-    return out
-
-
 def _jaccard(a: str, b: str) -> float:
-    ha, _ = shingle_hashes([a], 5)
-    hb, _ = shingle_hashes([b], 5)
-    sa, sb = set(ha.tolist()), set(hb.tolist())
-    return len(sa & sb) / len(sa | sb)
+    """Exact Jaccard on the shingles dedup uses (the config's default n-gram)."""
+    return jaccard(*shingle_sets([a, b], MinHashConfig().ngram))
 
 
 def test_planted_near_duplicates_recall_and_no_low_similarity_merges(tmp_path):
+    # Copies with 2-6% of their words changed at scattered positions. Failed first: the old
+    # 5-gram 14x8 design found 11-24% of them.
     rng = random.Random(0)
     docs = real_documents(200)
     vocab = sorted({w for d in docs for w in d.split()})
@@ -64,7 +50,7 @@ def test_planted_near_duplicates_recall_and_no_low_similarity_merges(tmp_path):
     rows = [{"id": f"base{i}", "text": d} for i, d in enumerate(base)]
     copies = []
     for i, d in enumerate(base):
-        edited = " ".join(_edit(d.split(), 0.05, rng, vocab))
+        edited = " ".join(scattered_edits(d.split(), rng.uniform(0.02, 0.06), rng, vocab))
         copies.append({"id": f"copy{i}", "text": edited})
     # Low-similarity pairs: B repeats most of A plus text of its own, so that its
     # shingle Jaccard with A is between 0.3 and 0.5 (the zone LSH may still collide on).
@@ -102,17 +88,37 @@ def test_exact_duplicates_across_files_keep_the_first_copy(tmp_path):
     assert removed == {**{f"s{i}": ("exact", f"f{i}") for i in range(20)}, "s0-again": ("exact", "f0")}
 
 
-def test_merge_is_union_find_with_smallest_survivor():
-    def pairs(rows):
-        a = np.array(rows, dtype=np.uint64).reshape(-1, 2)
-        out = np.empty(len(a), dtype=PAIR_DTYPE)
-        out["survivor"], out["gid"] = a[:, 0], a[:, 1]
-        return out
+def _pairs(rows):
+    a = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+    out = np.empty(len(a), dtype=PAIR_DTYPE)
+    out["survivor"], out["gid"] = a[:, 0], a[:, 1]
+    return out
 
-    # 5-7, 3-7 and 7-9 chain into one cluster {3,5,7,9}; 20-21 is another; 9 is also an exact copy of 2.
-    exact = pairs([(2, 9)])
-    near = pairs([(5, 7), (3, 7), (7, 9), (20, 21)])
+
+def test_merge_never_chains_and_names_kept_survivors():
+    # 3~5, 5~7 and 7~9 form a chain; 3 and 7 were never verified against each other, so 7 must
+    # stay (union-find removed it, and 9, as copies of 3: failed first). 9 is verified with 7, a
+    # survivor. 11 is an exact copy of 5, which is near-removed: 11 names 5's survivor, 3 (the old
+    # merge named the removed 5). 20~21 is another cluster.
+    exact = _pairs([(5, 11)])
+    near = _pairs([(3, 5), (5, 7), (7, 9), (20, 21)])
     res = merge([exact], [near[::-1]])
     got = {int(r["gid"]): (int(r["kind"]), int(r["survivor"])) for r in res}
-    assert got == {5: (KIND_NEAR, 3), 7: (KIND_NEAR, 3), 9: (KIND_EXACT, 2), 21: (KIND_NEAR, 20)}
+    assert got == {5: (KIND_NEAR, 3), 9: (KIND_NEAR, 7), 11: (KIND_NEAR, 3), 21: (KIND_NEAR, 20)}
     assert list(res["gid"]) == sorted(res["gid"])
+    assert not set(res["survivor"].tolist()) & set(res["gid"].tolist())
+
+
+def test_chain_of_real_documents_is_not_merged(tmp_path):
+    # A~B and B~C with A and C far apart, through the real stages: B is removed as a copy of A,
+    # C is kept. Failed first: union-find removed C as a copy of A.
+    docs = real_documents(300)
+    a, other = docs[0].split(), " ".join(docs[1:4]).split()
+    q = len(a) // 4
+    b = other[:q] + a[q:]                      # the first quarter replaced
+    c = b[: 2 * q] + other[q : 2 * q] + b[3 * q :]  # and then the third quarter too
+    texts = {"A": " ".join(a), "B": " ".join(b), "C": " ".join(c)}
+    assert _jaccard(texts["A"], texts["B"]) >= 0.5 and _jaccard(texts["B"], texts["C"]) >= 0.5
+    assert _jaccard(texts["A"], texts["C"]) < 0.5
+    removed = _dedup(tmp_path, {"a.jsonl": [{"id": k, "text": t} for k, t in texts.items()]})
+    assert removed == {"B": ("near", "A")}

@@ -39,6 +39,16 @@ def make_corpus(d: Path) -> dict:
              json.dumps({"id": "big", "text": "z " * (3 << 20)})]            # 6 MB document
     write_jsonl(d / "web" / "part-0.jsonl", rows[:100])
     (d / "web" / "part-1.jsonl.gz").write_bytes(gzip.compress(("\n".join(rows[100:]) + "\n").encode() + b'{"text": "\xff\xfe"}\n'))
+    # A zstd file cut short: its first records count, then one truncated_file record.
+    import zstandard
+
+    c = zstandard.ZstdCompressor().compressobj()
+    z = b""
+    for k in range(4):  # four blocks: the cut falls after the first
+        z += c.compress("".join(json.dumps({"id": f"z{i}", "text": f"Short note number {i}."}) + "\n" for i in range(k * 100, k * 100 + 100)).encode())
+        z += c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    z += c.flush()
+    (d / "web" / "part-2.jsonl.zst").write_bytes(z[: len(z) * 3 // 4])
     pq.write_table(pa.table({"text": docs[150:], "id": [f"b{i}" for i in range(len(docs) - 150)]}), d / "books.parquet")
     return {"input": len(rows) + 1 + len(docs) - 150, "bad_input": 6, "exact_duplicate": 1, "near_duplicate": 1}
 
@@ -64,18 +74,25 @@ def test_accounting_adds_up_and_bad_input_is_reported(prepared):
     d, expected, r = prepared
     stats = json.loads((d / "out" / "stats.json").read_text())
     rec = stats["records"]
+    (cut,) = stats["accounting"]["incomplete_files"]
+    assert cut["file"] == "web/part-2.jsonl.zst" and 0 < cut["records_read"] < 400
+    expected = {**expected, "input": expected["input"] + cut["records_read"] + 1}
     assert stats["accounting"]["ok"] and rec["input"] == expected["input"]
     assert sum(rec[k] for k in ("kept", "bad_input", "filtered", "exact_duplicate", "near_duplicate")) == rec["input"]
     for k in ("bad_input", "exact_duplicate", "near_duplicate"):
         assert rec[k] == expected[k], (k, rec)
     assert stats["reasons"] == {"bad_input:empty": 1, "bad_input:invalid_utf8": 1, "bad_input:malformed_json": 1,
-                                "bad_input:missing_text": 1, "bad_input:text_not_string": 1, "bad_input:too_large": 1}
-    assert all(e["file"].startswith("web/part-1.jsonl.gz") for e in stats["bad_input_examples"])
+                                "bad_input:missing_text": 1, "bad_input:text_not_string": 1, "bad_input:truncated_file": 1,
+                                "filtered:too_large": 1}
+    rejected = [json.loads(l) for p in (d / "out" / "work" / "prepare").glob("task-*/rejected.jsonl") for l in p.open()]
+    assert {(r["id"], r["outcome"]) for r in rejected if r["reason"] == "too_large"} == {("big", "filtered")}
+    assert "web/part-2.jsonl.zst could not be read to its end" in (d / "out" / "summary.md").read_text()
+    assert all(e["file"].startswith(("web/part-1.jsonl.gz", "web/part-2.jsonl.zst")) for e in stats["bad_input_examples"])
     lines = {e["reason"]: e["line"] for e in stats["bad_input_examples"]}
     assert lines["malformed_json"] == 53 and lines["invalid_utf8"] == 58
     for s in stats["sources"].values():
         assert s["accounting_ok"]
-    assert stats["sources"]["books"]["records"]["kept"] == expected["input"] - 158
+    assert stats["sources"]["books"]["records"]["kept"] == expected["input"] - 158 - cut["records_read"] - 1
     dups = [json.loads(l) for p in (d / "out" / "work" / "tokenize").glob("*.duplicates.jsonl") for l in p.open()]
     assert {(x["id"], x["outcome"], x["survivor"]) for x in dups} == {("dup-of-w0", "exact_duplicate", "w0"),
                                                                      ("near-of-w1", "near_duplicate", "w1")}

@@ -1,0 +1,55 @@
+"""Misconfiguration is answered by one line naming the field, file or flag (exit 2), never a
+traceback. Runs the CLI's main() in this process: the same code path as `python -m data_prep`."""
+import json
+
+import pytest
+
+from prep_corpus import real_documents, tiny_config, write_config, write_jsonl
+from data_prep.cli import main
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    # Progress bars (carriage-return lines) may come before it; the error is the one last line.
+    last = err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err and err.count("error: ") == 1, err
+    return last
+
+
+def _source(tmp_path, n=6):
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": d} for d in real_documents(120)[:n]])
+    return [{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "filters": "web"}]
+
+
+def test_each_misconfiguration_is_one_line(tmp_path, capsys):
+    # Each of these failed first with a traceback (or, for an empty directory, exit 0).
+    src = _source(tmp_path)
+    ok = write_config(tmp_path / "ok.json", tiny_config(src))
+    assert "--workers" in _error(capsys, ["run", "--config", ok, "--out", tmp_path / "o", "--workers", "-1"])
+    (tmp_path / "afile").write_text("x")
+    assert "afile: --out must be a directory" in _error(capsys, ["run", "--config", ok, "--out", tmp_path / "afile"])
+    lang = tiny_config(src, filters={"language": {"enabled": True, "languages": ["english"]}})
+    msg = _error(capsys, ["config", "--config", write_config(tmp_path / "l.json", lang)])
+    assert "filters.language" in msg and "'english' is not a language code" in msg
+    tok = tiny_config(src, tokenizer={"existing_model": str(tmp_path / "missing.model")})
+    msg = _error(capsys, ["config", "--config", write_config(tmp_path / "t.json", tok)])
+    assert "field 'tokenizer'" in msg and "missing.model" in msg
+    (tmp_path / "empty").mkdir()
+    none = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "empty")]}])
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "n.json", none), "--out", tmp_path / "n"])
+    assert "empty: directory has no .jsonl" in msg
+    none = tiny_config([{"name": "docs", "type": "text_files", "paths": [str(tmp_path / "empty")]}])
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "n2.json", none), "--out", tmp_path / "n2"])
+    assert "source 'docs': no file under" in msg
+
+
+def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
+    src = _source(tmp_path)
+    big = tiny_config(src, tokenizer={"vocab_size": 20000}, executor={"workers": 1})
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", big), "--out", tmp_path / "v"])
+    assert "tokenizer.vocab_size: 20000 is more than the training sample supports (at most" in msg
+    strict = tiny_config(src, filters={"language": {"enabled": True, "languages": ["de"]}}, executor={"workers": 1})
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "f.json", strict), "--out", tmp_path / "f"])
+    assert "no document is left after reading and filtering (6 input records; filtered:language:not_de 6)" in msg
