@@ -117,17 +117,23 @@ exit $rc
 """
 
 
-@pytest.mark.slow
-def test_two_nodes_simulated_through_slurm_script(tmp_path, prepared_data):
+def _slurm_env(tmp_path: Path, scontrol: str, srun: str, **extra) -> dict:
+    """The environment of a batch job on this machine: stand-ins for scontrol and srun first on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+    for name, text in (("scontrol", scontrol), ("srun", srun)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
-    out = tmp_path / "run"
-    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(REPO),
-               GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29643", FAKE_SRUN_LOGS=str(tmp_path))
+    env = _env(SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", **extra)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+@pytest.mark.slow
+def test_two_nodes_simulated_through_slurm_script(tmp_path, prepared_data):
+    out = tmp_path / "run"
+    env = _slurm_env(tmp_path, FAKE_SCONTROL, FAKE_SRUN, SLURM_JOB_NODELIST="node[0-1]", MASTER_PORT="29643",
+                     FAKE_SRUN_LOGS=str(tmp_path))
     r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=env, timeout=600)
     logs = {k: (tmp_path / f"node{k}.log").read_text() for k in (0, 1) if (tmp_path / f"node{k}.log").exists()}
@@ -162,15 +168,9 @@ exit 0
 def test_slurm_script_requeues_a_run_stopped_by_a_signal(tmp_path, srun, restarts, requeued, code):
     """The batch file's end: the trainer side (SIGUSR1 → checkpoint, OUT/preempted, exit 0) is
     tested through the launcher in tests/pipeline/test_train.py."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("scontrol", REQUEUE_SCONTROL), ("srun", srun)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(stat.S_IRWXU)
     log = tmp_path / "scontrol.log"
-    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node0", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1",
-               MASTER_ADDR="127.0.0.1", SLURM_RESTART_COUNT=restarts, FAKE_SCONTROL_LOG=str(log))
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env = _slurm_env(tmp_path, REQUEUE_SCONTROL, srun, SLURM_JOB_NODELIST="node0", SLURM_RESTART_COUNT=restarts,
+                     FAKE_SCONTROL_LOG=str(log))
     r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(tmp_path / "run")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == code, r.stdout + r.stderr
