@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +44,10 @@ def staged_dir(final: Path):
     remove it when the block raises. `final` must not exist."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # The name says which process owns it, so the next run can remove what a killed one left.
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner}-", dir=final.parent))
     # mkdtemp makes the directory 0700; renamed into place that would lock out every other user
     # (a shared cluster, a serving container). Give it the mode mkdir would: 0777 less the umask.
     umask = os.umask(0)
@@ -54,6 +59,26 @@ def staged_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove the staged directories of `final` that a killed process of this host left behind (a
+    process of another host may still be writing its own; those are left alone)."""
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    for p in final.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def clean_stale_tmp(directory: Path) -> None:

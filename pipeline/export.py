@@ -16,7 +16,8 @@ for), generation_config.json (greedy decoding unless a caller asks to sample),
 (tokenizer.model plus files that transformers 4.x and 5.x load as `PreTrainedTokenizerFast`) and
 a model card (base model, licence and tokens for continued pretraining; no local paths). It is
 written under a temporary name and renamed when complete, readable as the umask allows, so a
-directory named OUT is always whole; on any error nothing is left behind.
+directory named OUT is always whole; on any error nothing is left behind, and what a killed
+export left (`.OUT.tmp-HOST-PID-*`) is removed by the next export to OUT on that host.
 
 The tokenizer is the data-prep one the checkpoint's manifest names, or --tokenizer DIR (a
 directory holding its tokenizer.model; checked against the manifest's sha256 when the manifest is
