@@ -123,6 +123,7 @@ for flag, env in (("--profile", "PROFILE"), ("--out", "OUT_DIR"), ("--resume", "
     if not any(a == flag or a.startswith(flag + "=") for a in argv):
         argv += [flag, os.environ[env]]
 
+from pipeline.distributed import exit_process  # noqa: E402
 from pipeline.train import main  # noqa: E402
 
-sys.exit(main(argv))
+exit_process(main(argv))

@@ -10,6 +10,7 @@ of `pipeline/` goes through this module (tests/pipeline/test_distributed.py hold
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -54,12 +55,28 @@ def _unlink_cpu_shm_buffer() -> None:
 
 def shutdown() -> None:
     """End of a run that finished its work, on every rank: wait for all, then tear the process
-    group down. Left to the interpreter's exit, the group's C++ threads can still be running when
-    their objects are destroyed ("terminate called without an active exception": an abort, so
-    the launcher reports a failure for a run that completed)."""
+    group down while the interpreter is whole (PyTorch's documented end of a distributed program)."""
     if torch.distributed.is_initialized():
         barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave the process with `code` without the interpreter's finalization.
+
+    destroy_process_group cannot free gloo's (or NCCL's) groups while DeepSpeed still holds them
+    (deepspeed.utils.groups, the engine's parameters): their C++ worker threads were still running
+    after it in the runs we inspected. At interpreter exit those objects are then destroyed in
+    no fixed order, and a joinable std::thread destroyed that way aborts the process ("terminate
+    called without an active exception"), so the launcher reported a failure for a run whose
+    final checkpoint was written. Everything the run writes is closed and synced before this is
+    called; os._exit skips the teardown in which the race lives."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int:
