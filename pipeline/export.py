@@ -398,6 +398,9 @@ def main(argv=None) -> int:
     except (ExportError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 3 if str(e).startswith("verification failed") else 2
+    except OSError as e:  # a read-only or full --out, EROFS, ...
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"exported {out}")
     return 0
 

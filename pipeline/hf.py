@@ -373,7 +373,12 @@ def safetensors_entries(files: list[Path], rename=lambda n: n):
 
     seen: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as fh:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # SafetensorError on a truncated or corrupt file, OSError
+            raise ValueError(f"{path}: cannot be read ({str(e).strip().splitlines()[0][:200]}); truncated or "
+                             "corrupt? download it again") from None
+        with handle as fh:
             for name in fh.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a buffer some older exports carry; recomputed from rope_theta

@@ -104,9 +104,14 @@ def _stream(plan: dict[str, tuple[Path, str]]):
     handles = {}
     try:
         for ours, (path, name) in plan.items():
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt").__enter__()
-            yield ours, handles[path].get_tensor(name)
+            try:
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt").__enter__()
+                tensor = handles[path].get_tensor(name)
+            except Exception as e:  # SafetensorError on a truncated or corrupt file, OSError
+                raise ImportHFError(f"{path}: cannot be read ({str(e).strip().splitlines()[0][:200]}); "
+                                    "truncated or corrupt? download it again") from None
+            yield ours, tensor
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
@@ -177,6 +182,9 @@ def main(argv=None) -> int:
         out = import_hf(args.hf_dir, args.out, args.base_model, args.license, args.base_tokens)
     except ImportHFError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full --out, EROFS, ...
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"imported {out}")
     return 0

@@ -237,3 +237,18 @@ def test_family_import_train_export(family, tmp_path):
         with pytest.raises(ExportError, match="tying would change the model"):
             export(trained, tmp_path / "forced", tie="yes")
     logits_equal(out, model, tokens)
+
+
+def test_truncated_weights_and_an_unwritable_out_are_one_line(tmp_path, capsys):
+    """Failed first: a traceback for each (SafetensorError; PermissionError/EROFS from mkdir)."""
+    src = hf_model(tmp_path / "hf", n_kv_heads=2, shard="1GB")
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    expect_error(capsys, src, tmp_path / "init", f"{weights}: cannot be read")
+    weights.write_bytes(data)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")  # mkdir under it fails as under a read-only mount
+    assert main([str(src), "--out", str(blocker / "init")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(blocker) in err, err
