@@ -39,6 +39,9 @@ def run_deepspeed(module_args: list[str], nproc: int = 2, env: dict | None = Non
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                              f"--- stderr ---\n{proc.stderr[-6000:]}")
+    # Every launch of the suite is also a check of a clean end: no rank may abort while exiting
+    # (the C++ teardown race that pipeline/distributed.py exit_process avoids).
+    assert "terminate called" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     return proc
 
 
