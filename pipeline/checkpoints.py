@@ -259,7 +259,7 @@ class Checkpoints:
         deadline = time.monotonic() + self.conversion_timeout_s + 120  # rank 0 reports its own timeout first
         while not (self.root / universal).is_dir():
             if failed.exists():
-                raise CheckpointError(failed.read_text().strip(), ) from None
+                raise CheckpointError(failed.read_text().strip()) from None
             if time.monotonic() > deadline:
                 raise CheckpointError(f"{self.root / universal}: rank 0 neither published the universal checkpoint "
                                       f"nor reported a failure within train.conversion_timeout_s + 120 s")
