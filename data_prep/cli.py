@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.executor import make_executor
 
         t0 = time.time()
-        ctx = open_context(cfg, args.out)
         executor = make_executor(kind, workers, args.ray_address or ex_cfg.ray_address)
+        ctx = open_context(cfg, args.out, executor)
         wanted = COMMANDS[args.command][1]
         for stage in STAGES:
             if stage.name in wanted:

@@ -33,7 +33,10 @@ class SourceConfig(_Strict):
     html: bool = False
     patterns: list[str] = Field(default_factory=lambda: list(SITE_PACKAGES_PATTERNS))
     max_bytes: int | None = Field(default=None, gt=0, description="stop adding input files past this many bytes")
-    task_bytes: int = Field(default=4 << 20, gt=0, description="text_files: group small files into tasks of this size")
+    # The unit of parallelism: an uncompressed jsonl file is cut at line boundaries into ranges
+    # of about this size (default 64 MiB), small text files are grouped into tasks of about this
+    # size (default 4 MiB). Compressed files and parquet/Arrow files are one task each.
+    task_bytes: int | None = Field(default=None, gt=0, description="bytes of input per task (default: 64 MiB jsonl, 4 MiB text_files)")
     # Which quality filters this source gets: web-crawl rules (Gopher, C4, FineWeb) throw away
     # good books, code and documentation. "web" is the `filters` section, "books" its language
     # filter only, "code" and "none" nothing; any other name is a set of `filter_sets`.
@@ -43,6 +46,8 @@ class SourceConfig(_Strict):
     def _paths_needed(self):
         if self.type != "site_packages" and not self.paths:
             raise ValueError(f"source '{self.name}': paths must name at least one file, directory or glob")
+        if self.task_bytes is None:  # resolved here, so the manifest records the number that ran
+            self.task_bytes = 4 << 20 if self.type in ("text_files", "site_packages") else 64 << 20
         return self
 
 

@@ -1,17 +1,23 @@
 """Executors run a stage's tasks; stages never know where they run.
 
 `map(label, fn, items, weights)` calls fn(item) for every item and returns the results in
-item order, with a tqdm bar (rate and ETA) advanced by each finished item's weight
-(input bytes, or 1 per task). `fn` must be a picklable module-level callable.
+item order, with a tqdm bar (rate and ETA) advanced by each item's weight (input bytes, or 1
+per task). While it works, fn may call `report_progress(done)` with how much of its item's
+weight is done: the local executor moves the bar within a task (from worker processes through
+a queue), the Ray executor when a task ends. `fn` must be a picklable module-level callable.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import sys
+import time
 from typing import Callable, Sequence
 
 from tqdm import tqdm
+
+REPORT_EVERY_S = 0.25  # a worker sends at most this often per task (and its first report at once)
 
 
 def _bar(label: str, total: float, unit: str):
@@ -19,18 +25,59 @@ def _bar(label: str, total: float, unit: str):
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5, smoothing=0.1)
 
 
+class _Progress:
+    """The bar's view of every item: advanced by reports within an item, completed by its end.
+    A report never moves the bar back or past the item's weight, and one that arrives after
+    the item ended is ignored."""
+
+    def __init__(self, bar, weights: list[float]):
+        self.bar, self.weights, self.shown = bar, weights, [0.0] * len(weights)
+
+    def advance(self, i: int, done: float) -> None:
+        step = min(done, self.weights[i]) - self.shown[i]
+        if step > 0:
+            self.shown[i] += step
+            self.bar.update(step)
+
+    def finish(self, i: int) -> None:
+        self.advance(i, self.weights[i])
+
+
 _FN: Callable | None = None
+_SINK: Callable[[int, float], None] | None = None  # where report_progress goes in this process
+_ITEM = -1
+_SENT = 0.0
 
 
-def _init_worker(fn: Callable) -> None:
+def report_progress(done: float) -> None:
+    """Called by a stage function while it works: `done` of the current item's weight is
+    finished (a running total). Cheap enough to call per record: sends at most every
+    REPORT_EVERY_S; a no-op where nobody listens (Ray, direct calls)."""
+    global _SENT
+    if _SINK is None:
+        return
+    now = time.monotonic()
+    if now - _SENT >= REPORT_EVERY_S:
+        _SENT = now
+        _SINK(_ITEM, done)
+
+
+def _start_item(i: int) -> None:
+    global _ITEM, _SENT
+    _ITEM, _SENT = i, 0.0
+
+
+def _init_worker(fn: Callable, reports) -> None:
     # The stage function (with its context: config and the whole plan) goes to each worker
     # once, not with every task.
-    global _FN
+    global _FN, _SINK
     _FN = fn
+    _SINK = lambda i, done: reports.put((i, done))
 
 
 def _call(args):
     i, item = args
+    _start_item(i)
     return i, _FN(item)
 
 
@@ -45,21 +92,46 @@ class LocalExecutor:
         self.workers = workers or os.cpu_count() or 1
 
     def map(self, label: str, fn: Callable, items: Sequence, weights: Sequence[float] | None = None, unit: str = "task") -> list:
+        global _SINK
         weights = list(weights) if weights is not None else [1] * len(items)
         results: list = [None] * len(items)
         with _bar(label, sum(weights), unit) as bar:
+            progress = _Progress(bar, weights)
             if self.workers == 1 or len(items) <= 1:
-                for i, item in enumerate(items):
-                    results[i] = fn(item)
-                    bar.update(weights[i])
+                _SINK = progress.advance
+                try:
+                    for i, item in enumerate(items):
+                        _start_item(i)
+                        results[i] = fn(item)
+                        progress.finish(i)
+                finally:
+                    _SINK = None
                 return results
             # fork: workers inherit the imported modules and start in milliseconds.
             ctx = mp.get_context("fork")
-            with ctx.Pool(min(self.workers, len(items)), initializer=_init_worker, initargs=(fn,)) as pool:
-                for i, res in pool.imap_unordered(_call, list(enumerate(items))):
+            reports = ctx.Queue()
+            with ctx.Pool(min(self.workers, len(items)), initializer=_init_worker, initargs=(fn, reports)) as pool:
+                it = pool.imap_unordered(_call, list(enumerate(items)))
+                for _ in items:
+                    while True:
+                        try:
+                            i, res = it.next(timeout=REPORT_EVERY_S)
+                            break
+                        except mp.TimeoutError:
+                            _drain(reports, progress)
+                    _drain(reports, progress)
                     results[i] = res
-                    bar.update(weights[i])
+                    progress.finish(i)
         return results
+
+
+def _drain(reports, progress: _Progress) -> None:
+    while True:
+        try:
+            i, done = reports.get_nowait()
+        except queue.Empty:
+            return
+        progress.advance(i, done)
 
 
 class RayExecutor:

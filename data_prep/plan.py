@@ -1,9 +1,13 @@
-"""Split the input into tasks: one per input file, or a group of small text files.
+"""Split the input into tasks: a byte range of a large uncompressed jsonl file (cut at line
+boundaries, about `task_bytes` each), a whole compressed or columnar file, or a group of small
+text files.
 
 The plan is written once to OUT/work/plan.json and reused on resume, so a rerun sees the same
 tasks even if the directory listing changed. A document's global id (gid) is
 `task_index << 32 | ordinal`: ordering by gid is ordering by (source, file, line), which is
-what makes "the first copy survives" deterministic.
+what makes "the first copy survives" deterministic. A range knows the number of its first
+line (counted in parallel before the plan is saved: `number_lines`), so ids (`file:line`) and
+reports are the same however the file is cut.
 """
 from __future__ import annotations
 
@@ -15,9 +19,48 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_prep.config import PrepConfig, SourceConfig, site_packages_dir
+from data_prep.executor import report_progress
 from data_prep.readers import CODECS, ReadError
 
 JSONL_SUFFIXES = tuple(base + codec for base in (".jsonl", ".json") for codec in ("", *CODECS))
+# A compressed stream can only be decoded from its start (multi-member gzip or multi-frame
+# zstd would need an index of member offsets): one task per compressed file.
+CODECS_SUFFIXES = tuple(CODECS)
+SCAN_BYTES = 1 << 20
+COUNT_BYTES = 16 << 20
+
+
+def _after_newline(f, pos: int, size: int) -> int:
+    """The first line start at or after `pos`: `pos` itself if the byte before it is a newline,
+    else just past the next newline (or `size`). Reads only up to that newline."""
+    f.seek(pos - 1)
+    while pos < size:
+        chunk = f.read(SCAN_BYTES)
+        if not chunk:
+            return size
+        i = chunk.find(b"\n")
+        if i >= 0:
+            return pos + i
+        pos += len(chunk)
+    return size
+
+
+def line_cuts(path: str, size: int, task_bytes: int) -> list[int]:
+    """Offsets that cut a file into ranges of about task_bytes at line starts (0 and size not
+    included): one seek and a short read per cut, never the whole file."""
+    cuts: list[int] = []
+    try:
+        with open(path, "rb") as f:
+            target = task_bytes
+            while target < size:
+                cut = _after_newline(f, target, size)
+                if cut >= size:
+                    break
+                cuts.append(cut)
+                target = cut + task_bytes
+    except OSError as e:
+        raise ReadError(f"{path}: I/O error while planning: {e.strerror or e}") from None
+    return cuts
 
 
 @dataclass
@@ -28,6 +71,11 @@ class Task:
     root: str  # file paths are relative to it (what reports show)
     files: list[str]
     bytes: int
+    # jsonl ranges: files[0] from byte `start` (a line start) to `end` (after a newline, or the
+    # end of the file); None: the whole file as it is when read.
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1  # line number of the line at `start`
 
     def gid(self, ordinal: int) -> int:
         return (self.index << 32) | ordinal
@@ -125,9 +173,50 @@ def make_plan(cfg: PrepConfig) -> list[Task]:
             if src.max_bytes is not None and total + n > src.max_bytes:
                 break
             total += n
-            tasks.append(Task(len(tasks), src.name, src.type, os.path.dirname(f), [f], n))
+            cuts = line_cuts(f, n, src.task_bytes) if src.type == "jsonl" and not f.endswith(CODECS_SUFFIXES) else []
+            if not cuts:
+                tasks.append(Task(len(tasks), src.name, src.type, os.path.dirname(f), [f], n))
+                continue
+            bounds = [0, *cuts, n]
+            for a, b in zip(bounds, bounds[1:]):
+                tasks.append(Task(len(tasks), src.name, src.type, os.path.dirname(f), [f], b - a, start=a, end=b))
     if not tasks:
         raise ReadError("no input files found for any source")
+    return tasks
+
+
+def count_lines(task: Task) -> int:
+    """Newlines in a task's range: big reads and bytes.count, at disk speed."""
+    path, n, done = task.files[0], 0, 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(task.start)
+            while done < task.bytes:
+                chunk = f.read(min(task.bytes - done, COUNT_BYTES))
+                if not chunk:
+                    raise ReadError(f"{path}: ends at byte {task.start + done}, before the end of its planned range "
+                                    f"({task.end}): the file changed; use a new --out")
+                n += chunk.count(b"\n")
+                done += len(chunk)
+                report_progress(done)
+    except OSError as e:
+        raise ReadError(f"{path}: I/O error while counting lines: {e.strerror or e}") from None
+    return n
+
+
+def number_lines(tasks: list[Task], ex) -> list[Task]:
+    """Set first_line of every range of a cut file, from the lines of the ranges before it,
+    counted in parallel by the executor (each range but a file's last)."""
+    counted = [t for t, nxt in zip(tasks, tasks[1:]) if nxt.start > 0]
+    if not counted:
+        return tasks
+    counts = dict(zip((t.index for t in counted), ex.map("count lines", count_lines, counted, [t.bytes for t in counted], unit="B")))
+    line = 1
+    for t in tasks:
+        if t.start == 0:
+            line = 1
+        t.first_line = line
+        line += counts.get(t.index, 0)
     return tasks
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 from data_prep.clean import Cleaner
 from data_prep.config import PrepConfig
 from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, partition_of, split_by_partition
+from data_prep.executor import report_progress
 from data_prep.filters import build_filters
 from data_prep.io_utils import commit_dir
 from data_prep.minhash import EMPTY, MinHasher, band_keys
@@ -120,11 +121,15 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
             got.append({"where": rec.where, "id": rec.id, "text": (rec.text or "")[:SAMPLE_CHARS]})
 
     ordinal = 0
+    done = 0  # bytes of the task's files before this one, for the progress bar
     for path in task.files:
         rel = str(Path(path).relative_to(task.root)) if path.startswith(task.root) else path
         rel = f"{task.source}/{rel}"
+        # A range of a cut jsonl file starts at its own first line: ids and reports name the
+        # whole file's line numbers, as they would if it were read in one task.
         for rec in read_file(task.kind, path, rel, src.text_field, src.id_field, cfg.read.max_doc_bytes,
-                             cfg.read.max_record_bytes):
+                             cfg.read.max_record_bytes, task.start, task.end, task.first_line,
+                             lambda n: report_progress(done + n)):
             gid = task.gid(ordinal)
             ordinal += 1
             counts["input"] += 1
@@ -152,6 +157,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
             batch.add(gid, rec)
             if len(batch.gids) >= BATCH_DOCS:
                 flush()
+        done += task.bytes if len(task.files) == 1 else Path(path).stat().st_size
+        report_progress(done)
     flush()
     writer.close()
     rejected.close()

@@ -19,7 +19,7 @@ import lzma
 import re
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from data_prep.records import Record
 
@@ -126,30 +126,49 @@ def _doc_id(value, fallback: str) -> str:
 
 
 def read_jsonl(path: str, text_field: str, id_field: str | None, max_bytes: int, rel: str,
-               max_record_bytes: int = 64 << 20) -> Iterator[Record]:
+               max_record_bytes: int = 64 << 20, start: int = 0, end: int | None = None, first_line: int = 1,
+               progress: Callable[[int], None] | None = None) -> Iterator[Record]:
     """Records up to max_record_bytes are parsed, so that one whose text is over max_bytes is
-    reported `too_large` with its id; longer lines are skipped in bounded chunks, unparsed."""
+    reported `too_large` with its id; longer lines are skipped in bounded chunks, unparsed.
+
+    start/end: the byte range of an uncompressed file to read (start at a line start, end just
+    after a newline: plan.line_cuts), whose first line is number first_line. progress(n) is
+    called before each record with the bytes of the file on disk read so far (from start)."""
     limit = max(max_record_bytes, max_bytes)
     f = _open_binary(path)
-    line = 0
+    disk = f.raw.raw if isinstance(f.raw, _Decompressed) else None  # compressed: count bytes on disk
+    line = first_line - 1
+    pos = start  # where the next line starts
     with f:
-        while True:
+        if start:
+            f.seek(start)
+        while end is None or pos < end:
             line += 1
             try:
                 raw = f.readline(limit + 1)
                 if not raw:
+                    if end is not None:
+                        raise ReadError(f"{path}: ends at byte {pos}, before the end of its planned range "
+                                        f"({end}): the file changed; use a new --out")
                     return
-                if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                at_file_start = pos == 0
+                pos += len(raw)
+                if at_file_start and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
                 if len(raw) > limit and not raw.endswith(b"\n"):
                     n = len(raw)
                     while raw and not raw.endswith(b"\n"):
                         raw = f.readline(1 << 20)
                         n += len(raw)
+                        pos += len(raw)
+                    if progress is not None:
+                        progress(disk.tell() if disk is not None else pos - start)
                     yield Record(rel, line, bad="too_large", nbytes=n)
                     continue
+                if progress is not None:
+                    progress(disk.tell() if disk is not None else pos - start)
             except Truncated:
-                yield Record(rel, line, bad="truncated_file", read_before=line - 1)
+                yield Record(rel, line, bad="truncated_file", read_before=line - first_line)
                 return
             except OSError as e:
                 raise ReadError(f"{path}: I/O error after line {line - 1}: {e.strerror or e}") from None
@@ -276,9 +295,11 @@ def read_arrow_stream(path: str, text_field: str, id_field: str | None, max_byte
 
 
 def read_file(kind: str, path: str, rel: str, text_field: str, id_field: str | None, max_bytes: int,
-              max_record_bytes: int = 64 << 20) -> Iterator[Record]:
+              max_record_bytes: int = 64 << 20, start: int = 0, end: int | None = None, first_line: int = 1,
+              progress: Callable[[int], None] | None = None) -> Iterator[Record]:
+    """Records of one file, or of the byte range start..end of a jsonl file (see read_jsonl)."""
     if kind == "jsonl":
-        return read_jsonl(path, text_field, id_field, max_bytes, rel, max_record_bytes)
+        return read_jsonl(path, text_field, id_field, max_bytes, rel, max_record_bytes, start, end, first_line, progress)
     if kind == "parquet":
         return _arrow_io(path, read_parquet(path, text_field, id_field, max_bytes, rel))
     if kind == "hf_dataset":

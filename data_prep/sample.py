@@ -1,7 +1,8 @@
 """Deterministic, size-bounded tokenizer training sample: never the full corpus.
 
-A kept document is taken when a hash of its gid falls below a rate chosen so the sample
-comes to about tokenizer.sample_bytes. Each prepare task writes its part in parallel
+A kept document is taken when a hash of its source and id falls below a rate chosen so the
+sample comes to about tokenizer.sample_bytes (not of its gid: the sample, hence the tokenizer,
+must not depend on how the input was cut into tasks). Each prepare task writes its part in parallel
 (work/sample/task-NNNNN.txt); the parts are joined in task order up to the byte budget, so
 the same input always gives the same sample, whatever the number of workers.
 """
@@ -41,8 +42,10 @@ def write_part(ctx, rate: float, task) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         docs = ctx.prepare_dir / f"task-{task.index:05d}" / "docs.arrow"
         for batch in pa.ipc.open_stream(pa.memory_map(str(docs))):
-            for gid, text in zip(batch.column("gid").to_pylist(), batch.column("text").to_pylist()):
-                h = int.from_bytes(hashlib.blake2b(gid.to_bytes(8, "little"), digest_size=8).digest(), "little")
+            for gid, doc_id, text in zip(batch.column("gid").to_pylist(), batch.column("id").to_pylist(),
+                                         batch.column("text").to_pylist()):
+                key = f"{task.source}\x00{doc_id}".encode("utf-8", "surrogatepass")
+                h = int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"tokenizer-sample").digest(), "little")
                 if gid not in gone and h < limit:
                     f.write(text)
                     f.write("\n")

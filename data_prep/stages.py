@@ -20,7 +20,7 @@ import numpy as np
 from data_prep import dedup
 from data_prep.config import PrepConfig, canonical_json
 from data_prep.io_utils import atomic_write_bytes, atomic_write_text, clean_stale_tmp
-from data_prep.plan import Task, load_plan, make_plan, save_plan
+from data_prep.plan import Task, load_plan, make_plan, number_lines, save_plan
 from data_prep.prepare import run_prepare
 from data_prep.shards import build_manifest, run_tokenize
 from data_prep.stats import aggregate, dump, write_plots, write_summary
@@ -81,8 +81,9 @@ class Context:
         return found
 
 
-def open_context(cfg: PrepConfig, out: Path) -> Context:
-    """Create OUT/work, or check that an existing one was made by the same config."""
+def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
+    """Create OUT/work, or check that an existing one was made by the same config. A new plan
+    has its cut files' line numbers counted by `ex` (default: this process)."""
     if out.exists() and not out.is_dir():
         raise StageError(f"{out}: --out must be a directory (it is a file)")
     work = out / "work"
@@ -96,7 +97,9 @@ def open_context(cfg: PrepConfig, out: Path) -> Context:
         atomic_write_text(cfg_file, resolved)
     plan_file = work / "plan.json"
     if not plan_file.exists():
-        save_plan(make_plan(cfg), plan_file)
+        from data_prep.executor import LocalExecutor
+
+        save_plan(number_lines(make_plan(cfg), ex or LocalExecutor(1)), plan_file)
     for d in (work / "prepare", work / "dedup", work / "sample", work / "tokenize", out / "shards", out / "tokenizer", out, work):
         clean_stale_tmp(d)
     return Context(cfg, out, load_plan(plan_file))

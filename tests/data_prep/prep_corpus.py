@@ -50,6 +50,32 @@ def real_documents(min_words: int = 250) -> list[str]:
     return docs
 
 
+def awkward_jsonl(path: Path, cut: int) -> bytes:
+    """Real documents with bad lines everywhere, CRLF lines, a byte-order mark, malformed lines
+    on both sides of offset `cut` (a line start: task_bytes=cut cuts there), an exact and a near
+    duplicate of early documents near the end, and no newline after the last line."""
+    bad = [b'{"text": "broken\n', b"\xff\xfe not utf-8\n", b"\n", b'{"body": "no text"}\n']
+    docs = real_documents(40)
+    lines = []
+    for i, text in enumerate(docs[:60]):
+        lines.append(json.dumps({"text": text}).encode() + (b"\r\n" if i % 4 == 1 else b"\n"))
+        if i % 3 == 0:
+            lines.append(bad[i % 4])
+    # A malformed line that ends exactly at offset `cut`, and another one right after it, which
+    # starts exactly at the first cut.
+    off, k = 3, 0  # after the byte-order mark
+    while off + len(lines[k]) <= cut - 11:
+        off += len(lines[k])
+        k += 1
+    filler = ("A line that ends exactly where the first range ends. " * 100)[: cut - 11 - off]
+    lines[k:k] = [b'{"text": "' + filler.encode() + b"\n", b'{"text": "cut right before me\n']
+    lines[-1:-1] = [json.dumps({"text": docs[0]}).encode() + b"\n",  # an exact and a near duplicate, in another range
+                    json.dumps({"text": docs[1] + " An edited footer."}).encode() + b"\n"]
+    data = (b"\xef\xbb\xbf" + b"".join(lines)).rstrip(b"\r\n")  # no newline after the last line
+    path.write_bytes(data)
+    return data
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prep_corpus import real_documents, tiny_config, write_config, write_jsonl
+from prep_corpus import awkward_jsonl, real_documents, tiny_config, write_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,9 @@ def make_corpus(d: Path) -> dict:
 
 
 def config_for(d: Path, **over) -> Path:
-    cfg = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(d / "web")], "id_field": "id"},
+    # task_bytes: part-0.jsonl (about 60 KB) is cut into ranges, so that every test of the
+    # fixture's output (any worker count, SIGKILL and resume, Ray) covers the cut.
+    cfg = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(d / "web")], "id_field": "id", "task_bytes": 16000},
                        {"name": "books", "type": "parquet", "paths": [str(d / "books.parquet")], "id_field": "id"}],
                       read={"max_doc_bytes": 1 << 20}, **over)
     return write_config(d / "prep.json", cfg)
@@ -213,3 +215,66 @@ def test_ray_executor_gives_the_same_output(prepared, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("shards/manifest.json", "stats.json", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json"):
         assert (d / "out" / f).read_bytes() == (tmp_path / "ray" / f).read_bytes(), f
+
+
+def _run_in_process(d: Path, task_bytes: int) -> Path:
+    # In this process with one worker: the worker count is covered by the split part-0.jsonl of
+    # `prepared`, and this saves starting the pipeline's imports in new processes.
+    from data_prep.config import PrepConfig
+    from data_prep.executor import LocalExecutor
+    from data_prep.stages import STAGES, open_context
+
+    # A tokenizer sample of part of the corpus: which documents it takes must not depend on the cut.
+    cfg = tiny_config([{"name": "one", "type": "jsonl", "paths": [str(d / "big.jsonl")], "task_bytes": task_bytes}],
+                      tokenizer={"sample_bytes": 15_000}, shards={"target_bytes": 4000}, output={"write_removed": True})
+    out = d / f"out-{task_bytes}"
+    ctx = open_context(PrepConfig.model_validate(cfg), out)
+    for stage in STAGES:
+        stage.run(ctx, LocalExecutor(1))
+    return out
+
+
+def _rows(out: Path, pattern: str) -> list[dict]:
+    return [json.loads(line) for p in sorted(out.glob(pattern)) for line in p.open()]
+
+
+def _tokens(out: Path) -> dict[str, list]:
+    m = json.loads((out / "shards" / "manifest.json").read_text())
+    got: dict[str, list] = {"train": [], "validation": []}
+    for sh in m["shards"]:
+        got[sh["split"]] += pa.ipc.open_stream(pa.memory_map(str(out / "shards" / sh["path"]))).read_all()["input_ids"].to_pylist()
+    return got
+
+
+def test_one_file_cut_into_ranges_gives_the_output_of_one_task(tmp_path):
+    # Failed first: the file was one task whatever task_bytes said, and the tokenizer sample
+    # was drawn by a hash of the global ids, which the cut changes.
+    data = awkward_jsonl(tmp_path / "big.jsonl", 3000)
+    whole = _run_in_process(tmp_path, 1 << 30)
+    split = _run_in_process(tmp_path, 3000)
+    plan = json.loads((split / "work" / "plan.json").read_text())
+    assert len(json.loads((whole / "work" / "plan.json").read_text())) == 1 and len(plan) >= 8
+    assert plan[1]["start"] == 3000 and plan[-1]["end"] == len(data)
+    # The same records, lines, ids, reports, tokenizer and tokens. Only the shard files (one
+    # set per task) and the config in the manifest (task_bytes) differ.
+    for f in ("stats.json", "summary.md", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json", "plots/outcomes.png"):
+        assert (split / f).read_bytes() == (whole / f).read_bytes(), f
+    for pattern in ("work/prepare/task-*/rejected.jsonl", "work/prepare/task-*/removed.jsonl", "work/tokenize/*.duplicates.jsonl"):
+        assert _rows(split, pattern) == _rows(whole, pattern), pattern
+    assert _tokens(split) == _tokens(whole)
+    m_split, m_whole = (json.loads((o / "shards" / "manifest.json").read_text()) for o in (split, whole))
+    assert (m_split["splits"], m_split["sources"]) == (m_whole["splits"], m_whole["sources"])
+    assert len(m_split["shards"]) > len(m_whole["shards"])
+    # The bad lines on both sides of the first cut and the last line (no newline) have exact numbers.
+    rejected = {r["line"]: r["reason"] for r in _rows(split, "work/prepare/task-*/rejected.jsonl")}
+    cut_line = data[:3000].count(b"\n") + 1
+    last = data.count(b"\n") + 1
+    assert rejected[cut_line - 1] == rejected[cut_line] == rejected[2] == "malformed_json"
+    assert rejected[last - 4] == "invalid_utf8"
+    docs = pa.ipc.open_stream(pa.memory_map(str(split / "work" / "prepare" / f"task-{len(plan) - 1:05d}" / "docs.arrow"))).read_all()
+    assert docs["id"].to_pylist()[-1] == f"one/big.jsonl:{last}"
+    dups = {(x["id"], x["outcome"], x["survivor"]) for x in _rows(split, "work/tokenize/*.duplicates.jsonl")}
+    assert {(f"one/big.jsonl:{last - 2}", "exact_duplicate", "one/big.jsonl:1"),
+            (f"one/big.jsonl:{last - 1}", "near_duplicate", "one/big.jsonl:3")} <= dups
+    stats = json.loads((split / "stats.json").read_text())
+    assert stats["records"]["input"] == last and stats["accounting"]["ok"]
