@@ -36,7 +36,7 @@ class SourceConfig(_Strict):
     # The unit of parallelism: an uncompressed jsonl file is cut at line boundaries into ranges
     # of about this size (default 64 MiB), small text files are grouped into tasks of about this
     # size (default 4 MiB). Compressed files and parquet/Arrow files are one task each.
-    task_bytes: int | None = Field(default=None, gt=0, description="bytes of input per task (default: 64 MiB jsonl, 4 MiB text_files)")
+    task_bytes: int | None = Field(default=None, gt=0, description="input bytes per task (64 MiB jsonl, 4 MiB text_files)")
     # Which quality filters this source gets: web-crawl rules (Gopher, C4, FineWeb) throw away
     # good books, code and documentation. "web" is the `filters` section, "books" its language
     # filter only, "code" and "none" nothing; any other name is a set of `filter_sets`.

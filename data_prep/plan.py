@@ -210,7 +210,8 @@ def number_lines(tasks: list[Task], ex) -> list[Task]:
     counted = [t for t, nxt in zip(tasks, tasks[1:]) if nxt.start > 0]
     if not counted:
         return tasks
-    counts = dict(zip((t.index for t in counted), ex.map("count lines", count_lines, counted, [t.bytes for t in counted], unit="B")))
+    found = ex.map("count lines", count_lines, counted, [t.bytes for t in counted], unit="B")
+    counts = {t.index: n for t, n in zip(counted, found)}
     line = 1
     for t in tasks:
         if t.start == 0:

@@ -2,9 +2,9 @@
 
 A kept document is taken when a hash of its source and id falls below a rate chosen so the
 sample comes to about tokenizer.sample_bytes (not of its gid: the sample, hence the tokenizer,
-must not depend on how the input was cut into tasks). Each prepare task writes its part in parallel
-(work/sample/task-NNNNN.txt); the parts are joined in task order up to the byte budget, so
-the same input always gives the same sample, whatever the number of workers.
+must not depend on how the input was cut into tasks). Each prepare task writes its part in
+parallel (work/sample/task-NNNNN.txt); the parts are joined in task order up to the byte
+budget, so the same input always gives the same sample, whatever the number of workers.
 """
 from __future__ import annotations
 

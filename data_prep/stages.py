@@ -19,6 +19,7 @@ import numpy as np
 
 from data_prep import dedup
 from data_prep.config import PrepConfig, canonical_json
+from data_prep.executor import LocalExecutor
 from data_prep.io_utils import atomic_write_bytes, atomic_write_text, clean_stale_tmp
 from data_prep.plan import Task, load_plan, make_plan, number_lines, save_plan
 from data_prep.prepare import run_prepare
@@ -97,8 +98,6 @@ def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
         atomic_write_text(cfg_file, resolved)
     plan_file = work / "plan.json"
     if not plan_file.exists():
-        from data_prep.executor import LocalExecutor
-
         save_plan(number_lines(make_plan(cfg), ex or LocalExecutor(1)), plan_file)
     for d in (work / "prepare", work / "dedup", work / "sample", work / "tokenize", out / "shards", out / "tokenizer", out, work):
         clean_stale_tmp(d)
