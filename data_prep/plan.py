@@ -71,8 +71,8 @@ class Task:
     root: str  # file paths are relative to it (what reports show)
     files: list[str]
     bytes: int
-    # jsonl ranges: files[0] from byte `start` (a line start) to `end` (after a newline, or the
-    # end of the file); None: the whole file as it is when read.
+    # jsonl ranges: files[0] from byte `start` (a line start) to `end` (just after a newline);
+    # None: to the end of the file as it is when read (an uncut file, or a cut file's last range).
     start: int = 0
     end: int | None = None
     first_line: int = 1  # line number of the line at `start`
@@ -179,7 +179,8 @@ def make_plan(cfg: PrepConfig) -> list[Task]:
                 continue
             bounds = [0, *cuts, n]
             for a, b in zip(bounds, bounds[1:]):
-                tasks.append(Task(len(tasks), src.name, src.type, os.path.dirname(f), [f], b - a, start=a, end=b))
+                tasks.append(Task(len(tasks), src.name, src.type, os.path.dirname(f), [f], b - a, start=a,
+                                  end=b if b < n else None))
     if not tasks:
         raise ReadError("no input files found for any source")
     return tasks

@@ -34,10 +34,11 @@ class _Bar:
 
 def _half_then_wait(flags: Path, item: str) -> bool:
     report_progress(50)
-    report_progress(500)  # over the item's weight: the bar stops at the weight; sent later or never (rate limit)
     deadline = time.time() + 60
     while not (flags / "seen").exists() and time.time() < deadline:
         time.sleep(0.01)
+    time.sleep(executor.REPORT_EVERY_S)
+    report_progress(500)  # past the item's weight (or arriving after its end): the bar stops at the weight
     return (flags / "seen").exists()
 
 
