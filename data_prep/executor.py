@@ -31,7 +31,7 @@ class _Progress:
     the item ended is ignored."""
 
     def __init__(self, bar, weights: list[float]):
-        self.bar, self.weights, self.shown = bar, weights, [0.0] * len(weights)
+        self.bar, self.weights, self.shown = bar, weights, [0] * len(weights)  # int weights show as "16/16", not "16.0/16"
 
     def advance(self, i: int, done: float) -> None:
         step = min(done, self.weights[i]) - self.shown[i]
