@@ -212,7 +212,7 @@ def _sorted_rows(rows: np.ndarray) -> np.ndarray:
     return rows[np.lexsort([rows[f] for f in reversed(rows.dtype.names)])]
 
 
-def merge_sorted(arrays: list[np.ndarray], budget: int = MERGE_ROWS):
+def merge_sorted(arrays: list[np.ndarray], budget: int | None = None):
     """The rows of several arrays (memory maps), each sorted by its fields in order (gid first),
     as a sequence of blocks in one sorted order. All rows of a gid come in the same block.
 
@@ -220,7 +220,7 @@ def merge_sorted(arrays: list[np.ndarray], budget: int = MERGE_ROWS):
     smaller gid, i.e. below the smallest last gid of the blocks whose input goes on.
     """
     arrays = [a for a in arrays if len(a)]
-    width = [max(1, budget // max(1, len(arrays)))] * len(arrays)
+    width = [max(1, (budget or MERGE_ROWS) // max(1, len(arrays)))] * len(arrays)
     pos = [0] * len(arrays)
     while True:
         live = [i for i in range(len(arrays)) if pos[i] < len(arrays[i])]
