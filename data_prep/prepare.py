@@ -32,7 +32,11 @@ from data_prep.records import BAD_INPUT, FILTERED, Record
 from data_prep.stats import Histogram
 
 DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.large_string())])
+# A batch is flushed at BATCH_DOCS documents or BATCH_CHARS characters of text, whichever
+# comes first: what a task holds (its heap is ~45 bytes per character of a batch while the
+# batch is shingled) is bounded by these, never by its input's size.
 BATCH_DOCS = 2048
+BATCH_CHARS = 8 << 20
 SAMPLES_PER_REASON, SAMPLE_CHARS = 3, 300
 
 
@@ -46,11 +50,13 @@ class _Batch:
         self.gids: list[int] = []
         self.ids: list[str] = []
         self.texts: list[str] = []
+        self.chars = 0
 
     def add(self, gid: int, rec: Record):
         self.gids.append(gid)
         self.ids.append(rec.id)
         self.texts.append(rec.text)
+        self.chars += len(rec.text)
 
 
 def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
@@ -154,7 +160,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
             nbytes["passed_filters"] += len(rec.text.encode("utf-8", "surrogatepass"))
             chars_hist.add(len(rec.text))
             batch.add(gid, rec)
-            if len(batch.gids) >= BATCH_DOCS:
+            if len(batch.gids) >= BATCH_DOCS or batch.chars >= BATCH_CHARS:
                 flush()
     flush()
     writer.close()
