@@ -23,13 +23,12 @@ The survivor of a group is always the smallest gid: the first copy in input orde
 from __future__ import annotations
 
 import os
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.io_utils import NpyAppender, commit_dir
+from data_prep.io_utils import NpyAppender, staged_dir
 from data_prep.minhash import estimated_jaccard, shingle_hashes
 
 EXACT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("gid", "<u8")])
@@ -380,26 +379,23 @@ class SurvivorIds:
 
     @staticmethod
     def write(path: Path, task_dirs: list[Path], survivors: Bitmap) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        gid_out, off_out = NpyAppender(tmp / "gid.npy", np.uint64), NpyAppender(tmp / "offsets.npy", np.uint64)
-        off_out.append(np.zeros(1, dtype=np.uint64))
-        end = 0
-        with open(tmp / "ids.bin", "wb") as blob:
-            for d in task_dirs:
-                for gids, ids in _gids_and_ids(d):
-                    hit = np.flatnonzero(survivors.get(gids))
-                    if len(hit) == 0:
-                        continue
-                    data = [ids[int(i)].as_py().encode("utf-8", "surrogatepass") for i in hit]
-                    blob.write(b"".join(data))
-                    gid_out.append(gids[hit])
-                    off_out.append(end + np.cumsum([len(x) for x in data], dtype=np.uint64))
-                    end += sum(len(x) for x in data)
-        gid_out.close(create=True)
-        off_out.close(create=True)
-        commit_dir(tmp, path)
+        with staged_dir(path) as tmp:
+            gid_out, off_out = NpyAppender(tmp / "gid.npy", np.uint64), NpyAppender(tmp / "offsets.npy", np.uint64)
+            off_out.append(np.zeros(1, dtype=np.uint64))
+            end = 0
+            with open(tmp / "ids.bin", "wb") as blob:
+                for d in task_dirs:
+                    for gids, ids in gids_and_ids(d):
+                        hit = np.flatnonzero(survivors.get(gids))
+                        if len(hit) == 0:
+                            continue
+                        data = [ids[int(i)].as_py().encode("utf-8", "surrogatepass") for i in hit]
+                        blob.write(b"".join(data))
+                        gid_out.append(gids[hit])
+                        off_out.append(end + np.cumsum([len(x) for x in data], dtype=np.uint64))
+                        end += sum(len(x) for x in data)
+            gid_out.close(create=True)
+            off_out.close(create=True)
 
     def __call__(self, gids: list[int]) -> dict[int, str]:
         if self._maps is None:
@@ -411,7 +407,7 @@ class SurvivorIds:
         return {int(g): bytes(blob[int(offsets[p]) : int(offsets[p + 1])]).decode("utf-8", "surrogatepass") for g, p in zip(q, pos)}
 
 
-def _gids_and_ids(task_dir: Path):
+def gids_and_ids(task_dir: Path):
     """(gids, id column) of each batch of a task's docs.arrow; the text column is never read."""
     import pyarrow as pa
 

@@ -36,7 +36,7 @@ DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.
 # comes first: what a task holds (its heap is ~45 bytes per character of a batch while the
 # batch is shingled) is bounded by these, never by its input's size.
 BATCH_DOCS = 2048
-BATCH_CHARS = 8 << 20
+BATCH_CHARS = 4 << 20
 SAMPLES_PER_REASON, SAMPLE_CHARS = 3, 300
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from data_prep import dedup
 from data_prep.config import PrepConfig, canonical_json
-from data_prep.io_utils import NpyAppender, atomic_write_bytes, atomic_write_text, clean_stale_tmp, commit_dir, tmp_name
+from data_prep.io_utils import NpyAppender, atomic_write_bytes, atomic_write_text, clean_stale_tmp, staged_dir, tmp_name
 from data_prep.plan import Task, load_plan, make_plan, save_plan
 from data_prep.prepare import run_prepare
 from data_prep.shards import build_manifest, run_tokenize
@@ -69,7 +69,7 @@ class Context:
         want = np.unique(np.asarray(gids, dtype=np.uint64))
         found: dict[int, str] = {}
         for task in np.unique(want >> np.uint64(32)).tolist():
-            for batch_gids, ids in dedup._gids_and_ids(self.prepare_dir / f"task-{task:05d}"):
+            for batch_gids, ids in dedup.gids_and_ids(self.prepare_dir / f"task-{task:05d}"):
                 for i in np.flatnonzero(np.isin(batch_gids, want)):
                     found[int(batch_gids[i])] = ids[int(i)].as_py()
         return found
@@ -134,16 +134,13 @@ def _merge_exact(ctx: Context) -> None:
     """The partitions' exact pairs into one gid-sorted pair of columns (what near edges and the
     merge look representatives up in), streamed."""
     parts = [np.load(ctx.dedup_dir / f"exact-{p:03d}.npy", mmap_mode="r") for p in range(ctx.cfg.minhash.partitions)]
-    tmp = tmp_name(ctx.dedup_dir / "exact")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    gid, survivor = NpyAppender(tmp / "gid.npy", np.uint64), NpyAppender(tmp / "survivor.npy", np.uint64)
-    for block in dedup.merge_sorted(parts):
-        gid.append(np.ascontiguousarray(block["gid"]))
-        survivor.append(np.ascontiguousarray(block["survivor"]))
-    gid.close(create=True)
-    survivor.close(create=True)
-    commit_dir(tmp, ctx.dedup_dir / "exact")
+    with staged_dir(ctx.dedup_dir / "exact") as tmp:
+        gid, survivor = NpyAppender(tmp / "gid.npy", np.uint64), NpyAppender(tmp / "survivor.npy", np.uint64)
+        for block in dedup.merge_sorted(parts):
+            gid.append(np.ascontiguousarray(block["gid"]))
+            survivor.append(np.ascontiguousarray(block["survivor"]))
+        gid.close(create=True)
+        survivor.close(create=True)
 
 
 def _near(ctx: Context, p: int) -> int:
@@ -163,7 +160,8 @@ def _merge(ctx: Context, near: list[Path]) -> None:
     survivors = dedup.Bitmap(sizes, work / "survivors.bits")
     dedup.merge_to(work, *ctx.exact_columns(), [np.load(f, mmap_mode="r") for f in near], sizes, work / "removed.npy",
                    survivors)
-    dedup.SurvivorIds.write(ctx.dedup_dir / "survivors", ctx.task_dirs(), survivors)
+    if not (ctx.dedup_dir / "survivors").exists():  # a killed run may have got this far
+        dedup.SurvivorIds.write(ctx.dedup_dir / "survivors", ctx.task_dirs(), survivors)
     os.replace(work / "removed.npy", ctx.dedup_dir / "removed.npy")  # the stage's completion marker
     shutil.rmtree(work)
 
