@@ -1,7 +1,8 @@
 """Prepare task: read -> clean -> filter -> exact hash + MinHash, for one input task.
 
 Output, written into a temporary directory renamed to prepare/task-NNNNN when complete (the
-rename is the task's completion marker):
+rename is the task's completion marker). Every file is appended to batch by batch, so the task
+holds one batch (BATCH_DOCS documents or BATCH_CHARS characters), whatever its input's size:
   docs.arrow      surviving documents: gid, id, text (Arrow IPC stream)
   sigs.npy        MinHash signatures, row i = document i of docs.arrow (gid in gids.npy)
   exact-PPP.npy   text hashes by partition;  bands-PPP.npy  LSH band keys by partition

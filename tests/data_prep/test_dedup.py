@@ -1,5 +1,5 @@
 """Exact and MinHash deduplication on planted duplicates, through the real prepare and dedup
-stages (files on disk, partitions, union-find merge)."""
+stages (files on disk, partitions, the streamed merge)."""
 import random
 import sys
 from pathlib import Path
