@@ -96,3 +96,46 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class NpyAppender:
+    """A `.npy` file written in pieces: rows are appended as they come and the header's shape is
+    fixed up at close, so a writer holds one piece at a time, never the whole array.
+
+    numpy pads every header so that the first axis can grow in place (up to 21 digits), hence
+    the file is byte-identical to `np.save` of all the rows at once. The file is created by the
+    first non-empty append (or by close(create=True)) and reopened for each append: a task
+    with a file per partition does not hold hundreds of descriptors open. Until close() the
+    header says 0 rows; a reader only trusts files that a completion marker covers.
+    """
+
+    def __init__(self, path: Path, dtype, row_shape: tuple = ()):
+        import numpy as np
+
+        self.path, self.dtype, self.row_shape = Path(path), np.dtype(dtype), tuple(row_shape)
+        self.rows = 0
+        self._created = False
+
+    def _header(self, f) -> None:
+        from numpy.lib import format as npy
+
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(self.dtype), "fortran_order": False,
+                                       "shape": (self.rows, *self.row_shape)})
+
+    def append(self, arr) -> None:
+        if len(arr) == 0:
+            return
+        assert arr.dtype == self.dtype and arr.shape[1:] == self.row_shape, (arr.dtype, arr.shape)
+        with open(self.path, "ab" if self._created else "wb") as f:
+            if not self._created:
+                self._header(f)
+                self._created = True
+            f.write(arr.tobytes())  # C order, as np.save writes it
+        self.rows += len(arr)
+
+    def close(self, create: bool = False) -> None:
+        if not self._created and not create:
+            return
+        with open(self.path, "r+b" if self._created else "wb") as f:
+            self._header(f)
+        self._created = True

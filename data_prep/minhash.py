@@ -31,12 +31,15 @@ _pow_cache: dict[str, np.ndarray] = {}
 def _powers(name: str, base: np.uint64, n: int) -> np.ndarray:
     arr = _pow_cache.get(name)
     if arr is None or len(arr) < n:
-        size = max(n, 1 << 16, 2 * (len(arr) if arr is not None else 0))
-        arr = np.empty(size, dtype=np.uint64)
+        # Sized by the largest batch so far (plus 1/8: batches vary a little), not doubled:
+        # the cache is part of a prepare task's memory, which its batch bounds.
+        _pow_cache.pop(name, None)
+        del arr
+        arr = np.empty(max(n + n // 8, 1 << 16), dtype=np.uint64)
         arr[0] = 1
         arr[1:] = base
         with np.errstate(over="ignore"):
-            arr = np.cumprod(arr, dtype=np.uint64)
+            np.cumprod(arr, dtype=np.uint64, out=arr)
         _pow_cache[name] = arr
     return arr[:n]
 

@@ -1,7 +1,8 @@
 """Prepare task: read -> clean -> filter -> exact hash + MinHash, for one input task.
 
 Output, written into a temporary directory renamed to prepare/task-NNNNN when complete (the
-rename is the task's completion marker):
+rename is the task's completion marker). Every file is appended to batch by batch, so the task
+holds one batch (BATCH_DOCS documents or BATCH_CHARS characters), whatever its input's size:
   docs.arrow      surviving documents: gid, id, text (Arrow IPC stream)
   sigs.npy        MinHash signatures, row i = document i of docs.arrow (gid in gids.npy)
   exact-PPP.npy   text hashes by partition;  bands-PPP.npy  LSH band keys by partition
@@ -22,10 +23,10 @@ import pyarrow as pa
 
 from data_prep.clean import Cleaner
 from data_prep.config import PrepConfig
-from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, partition_of, split_by_partition
+from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, append_by_partition, partition_of
 from data_prep.executor import report_progress
 from data_prep.filters import build_filters
-from data_prep.io_utils import commit_dir
+from data_prep.io_utils import NpyAppender, commit_dir
 from data_prep.minhash import EMPTY, MinHasher, band_keys
 from data_prep.plan import Task
 from data_prep.readers import read_file
@@ -33,7 +34,11 @@ from data_prep.records import BAD_INPUT, FILTERED, Record
 from data_prep.stats import Histogram
 
 DOCS_SCHEMA = pa.schema([("gid", pa.uint64()), ("id", pa.string()), ("text", pa.large_string())])
+# A batch is flushed at BATCH_DOCS documents or BATCH_CHARS characters of text, whichever
+# comes first: what a task holds (its heap is ~45 bytes per character of a batch while the
+# batch is shingled) is bounded by these, never by its input's size.
 BATCH_DOCS = 2048
+BATCH_CHARS = 4 << 20
 SAMPLES_PER_REASON, SAMPLE_CHARS = 3, 300
 
 
@@ -47,11 +52,13 @@ class _Batch:
         self.gids: list[int] = []
         self.ids: list[str] = []
         self.texts: list[str] = []
+        self.chars = 0
 
     def add(self, gid: int, rec: Record):
         self.gids.append(gid)
         self.ids.append(rec.id)
         self.texts.append(rec.text)
+        self.chars += len(rec.text)
 
 
 def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
@@ -78,30 +85,34 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     rejected = open(tmp / "rejected.jsonl", "w")
     removed = open(tmp / "removed.jsonl", "w") if cfg.output.write_removed else None
     writer = pa.ipc.new_stream(str(tmp / "docs.arrow"), DOCS_SCHEMA)
-    exact_rows, band_rows, sig_blocks, gid_blocks = [], [], [], []
+    # Every flushed batch goes to disk at once: the task holds one batch, whatever its input's size.
+    exact_out = [NpyAppender(tmp / f"exact-{p:03d}.npy", EXACT_DTYPE) for p in range(P)]
+    band_out = [NpyAppender(tmp / f"bands-{p:03d}.npy", BAND_DTYPE) for p in range(P)]
+    sigs_out = NpyAppender(tmp / "sigs.npy", np.uint32, (cfg.minhash.num_perm,))
+    gids_out = NpyAppender(tmp / "gids.npy", np.uint64)
     batch = _Batch()
 
     def flush():
         if not batch.gids:
             return
         gids = np.array(batch.gids, dtype=np.uint64)
-        gid_blocks.append(gids)
         writer.write_batch(pa.record_batch([pa.array(gids), pa.array(batch.ids, pa.string()),
                                             pa.array(batch.texts, pa.large_string())], schema=DOCS_SCHEMA))
         if cfg.exact_dedup.enabled:
             keys = np.frombuffer(b"".join(exact_key(t) for t in batch.texts), dtype="<u8").reshape(-1, 2)
             rows = np.empty(len(gids), dtype=EXACT_DTYPE)
             rows["hi"], rows["lo"], rows["gid"] = keys[:, 0], keys[:, 1], gids
-            exact_rows.append(rows)
+            append_by_partition(exact_out, rows, partition_of(rows["hi"], P))
         if hasher is not None:
             sigs = hasher(batch.texts, cfg.minhash.ngram)
-            sig_blocks.append(sigs)
+            sigs_out.append(sigs)
+            gids_out.append(gids)
             keep = sigs[:, 0] != EMPTY  # documents shorter than one shingle take no part in LSH
             keys = band_keys(sigs[keep], cfg.minhash.bands, cfg.minhash.rows)
             rows = np.empty(keys.size, dtype=BAND_DTYPE)
             rows["key"] = keys.ravel()
             rows["gid"] = np.repeat(gids[keep], cfg.minhash.bands)
-            band_rows.append(rows)
+            append_by_partition(band_out, rows, partition_of(rows["key"], P))
         batch.__init__()
 
     def reject(rec: Record, outcome: str, reason: str):
@@ -155,7 +166,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
             nbytes["passed_filters"] += len(rec.text.encode("utf-8", "surrogatepass"))
             chars_hist.add(len(rec.text))
             batch.add(gid, rec)
-            if len(batch.gids) >= BATCH_DOCS:
+            if len(batch.gids) >= BATCH_DOCS or batch.chars >= BATCH_CHARS:
                 flush()
         done += task.bytes if len(task.files) == 1 else Path(path).stat().st_size
         report_progress(done)
@@ -164,19 +175,11 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     rejected.close()
     if removed is not None:
         removed.close()
-    if cfg.exact_dedup.enabled:
-        rows = np.concatenate(exact_rows) if exact_rows else np.empty(0, dtype=EXACT_DTYPE)
-        for p, part in enumerate(split_by_partition(rows, partition_of(rows["hi"], P), P)):
-            if len(part):
-                np.save(tmp / f"exact-{p:03d}.npy", part)
+    for out in exact_out + band_out:
+        out.close()
     if hasher is not None:
-        sigs = np.concatenate(sig_blocks) if sig_blocks else np.empty((0, cfg.minhash.num_perm), dtype=np.uint32)
-        np.save(tmp / "sigs.npy", sigs)
-        np.save(tmp / "gids.npy", np.concatenate(gid_blocks) if gid_blocks else np.empty(0, dtype=np.uint64))
-        rows = np.concatenate(band_rows) if band_rows else np.empty(0, dtype=BAND_DTYPE)
-        for p, part in enumerate(split_by_partition(rows, partition_of(rows["key"], P), P)):
-            if len(part):
-                np.save(tmp / f"bands-{p:03d}.npy", part)
+        sigs_out.close(create=True)
+        gids_out.close(create=True)
     stats = {
         "task": task.index, "source": task.source, "input_bytes": task.bytes,
         "records": dict(sorted(counts.items())), "bytes": dict(sorted(nbytes.items())),

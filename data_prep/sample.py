@@ -28,25 +28,25 @@ def sample_rate(ctx) -> float:
 
 
 def write_part(ctx, rate: float, task) -> int:
-    from data_prep.shards import removed_for_task
+    from data_prep.shards import removed_for_task, removed_in_batch
 
     out = ctx.work / "sample" / f"task-{task.index:05d}.txt"
     if out.exists():
         return out.stat().st_size
     removed_path = ctx.dedup_dir / "removed.npy"
     removed = np.load(removed_path, mmap_mode="r") if removed_path.exists() else np.empty(0, dtype=REMOVED_DTYPE)
-    gone = set(removed_for_task(removed, task.index)["gid"].tolist())
+    mine = removed_for_task(removed, task.index)
     limit = rate * 2.0**64
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(out)
     with open(tmp, "w", encoding="utf-8") as f:
         docs = ctx.prepare_dir / f"task-{task.index:05d}" / "docs.arrow"
         for batch in pa.ipc.open_stream(pa.memory_map(str(docs))):
-            for gid, doc_id, text in zip(batch.column("gid").to_pylist(), batch.column("id").to_pylist(),
-                                         batch.column("text").to_pylist()):
+            gone, _ = removed_in_batch(mine, batch.column("gid").to_numpy())
+            for doc_id, text, g in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(), gone.tolist()):
                 key = f"{task.source}\x00{doc_id}".encode("utf-8", "surrogatepass")
                 h = int.from_bytes(hashlib.blake2b(key, digest_size=8, person=b"tokenizer-sample").digest(), "little")
-                if gid not in gone and h < limit:
+                if not g and h < limit:
                     f.write(text)
                     f.write("\n")
     os.replace(tmp, out)

@@ -9,6 +9,7 @@ is its completion marker.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -87,9 +88,22 @@ class ShardWriter:
 
 
 def removed_for_task(removed: np.ndarray, task: int) -> np.ndarray:
-    lo, hi = np.uint64(task << 32), np.uint64((task + 1) << 32)
-    a, b = np.searchsorted(removed["gid"], [lo, hi])
-    return removed[a:b]
+    """The task's rows of removed.npy (a memory map; a Python binary search reads ~30 of its
+    rows, where np.searchsorted on a field would copy the whole column)."""
+    col = removed["gid"]
+    return removed[bisect.bisect_left(col, task << 32) : bisect.bisect_left(col, (task + 1) << 32)]
+
+
+def removed_in_batch(mine: np.ndarray, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is removed, its row of `mine`) for each gid of a batch, both sorted by gid; holds the
+    rows of `mine` within the batch's gid range only."""
+    if len(mine) == 0 or len(gids) == 0:
+        return np.zeros(len(gids), dtype=bool), np.empty(len(gids), dtype=REMOVED_DTYPE)
+    col = mine["gid"]
+    rows = np.asarray(mine[bisect.bisect_left(col, int(gids[0])) : bisect.bisect_right(col, int(gids[-1]))])
+    pos = np.minimum(np.searchsorted(rows["gid"], gids), max(len(rows) - 1, 0))
+    hit = (rows["gid"][pos] == gids) if len(rows) else np.zeros(len(gids), dtype=bool)
+    return hit, rows[pos] if len(rows) else np.empty(len(gids), dtype=REMOVED_DTYPE)
 
 
 def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file: Path, id_lookup) -> dict:
@@ -101,7 +115,6 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
     removed_path = work / "dedup" / "removed.npy"
     removed = np.load(removed_path, mmap_mode="r") if removed_path.exists() else np.empty(0, dtype=REMOVED_DTYPE)
     mine = removed_for_task(removed, task.index)
-    gone = dict(zip(mine["gid"].tolist(), zip(mine["kind"].tolist(), mine["survivor"].tolist())))
     sc = cfg.shards
     writers = {s: ShardWriter(shard_dir, s, task.index, dtype, sc.target_bytes, task.source) for s in ("train", "validation")}
     records = {KEPT: 0, EXACT_DUP: 0, NEAR_DUP: 0}
@@ -109,22 +122,28 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
     split_docs = {"train": 0, "validation": 0}
     split_tokens = {"train": 0, "validation": 0}
     tokens_hist = Histogram()
-    dup_log = []
+    # Every duplicate, with its survivor's id, written batch by batch (the text too with
+    # output.write_removed); kept only if there is one.
+    dup_path = work / "tokenize" / f"task-{task.index:05d}.duplicates.jsonl"
+    dup_tmp = tmp_name(dup_path)
+    dup_log = open(dup_tmp, "w", encoding="utf-8")
     reader = pa.ipc.open_stream(pa.memory_map(str(work / "prepare" / f"task-{task.index:05d}" / "docs.arrow")))
     for batch in reader:
-        gids = batch.column("gid").to_pylist()
+        gid_arr = batch.column("gid").to_numpy()
+        hit, rows = removed_in_batch(mine, gid_arr)
+        names = id_lookup(rows["survivor"][hit].tolist()) if hit.any() else {}
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
         keep_texts, keep_split = [], []
-        for gid, doc_id, text in zip(gids, ids, texts):
+        for k, (doc_id, text) in enumerate(zip(ids, texts)):
             n = len(text.encode("utf-8", "surrogatepass"))
-            if gid in gone:
-                kind, survivor = gone[gid]
-                outcome = EXACT_DUP if kind == KIND_EXACT else NEAR_DUP
+            if hit[k]:
+                outcome = EXACT_DUP if rows["kind"][k] == KIND_EXACT else NEAR_DUP
                 records[outcome] += 1
                 nbytes[outcome] += n
-                dup_log.append({"id": doc_id, "outcome": outcome, "survivor": survivor,
-                                **({"text": text} if cfg.output.write_removed else {})})
+                row = {"id": doc_id, "outcome": outcome, "survivor": names[int(rows["survivor"][k])],
+                       **({"text": text} if cfg.output.write_removed else {})}
+                dup_log.write(json.dumps(row, ensure_ascii=False) + "\n")
                 continue
             records[KEPT] += 1
             nbytes[KEPT] += n
@@ -144,12 +163,13 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
                 writers[split].write(docs)
     for w in writers.values():
         w.close()
-    if dup_log:  # with output.write_removed, the removed text too
-        names = id_lookup([d["survivor"] for d in dup_log])
-        for d in dup_log:
-            d["survivor"] = names[d["survivor"]]
-        atomic_write_text(work / "tokenize" / f"task-{task.index:05d}.duplicates.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dup_log))
+    dup_log.flush()
+    os.fsync(dup_log.fileno())
+    dup_log.close()
+    if records[EXACT_DUP] + records[NEAR_DUP]:
+        os.replace(dup_tmp, dup_path)
+    else:
+        os.unlink(dup_tmp)
     result = {
         "task": task.index, "source": task.source, "records": records, "bytes": nbytes,
         "tokens": sum(split_tokens.values()), "splits": {s: {"documents": split_docs[s], "tokens": split_tokens[s]} for s in split_docs},

@@ -20,7 +20,7 @@ import numpy as np
 from data_prep import dedup
 from data_prep.config import PrepConfig, canonical_json
 from data_prep.executor import LocalExecutor
-from data_prep.io_utils import atomic_write_bytes, atomic_write_text, clean_stale_tmp
+from data_prep.io_utils import NpyAppender, atomic_write_bytes, atomic_write_text, clean_stale_tmp, staged_dir, tmp_name
 from data_prep.plan import Task, load_plan, make_plan, number_lines, save_plan
 from data_prep.prepare import run_prepare
 from data_prep.shards import build_manifest, run_tokenize
@@ -65,21 +65,29 @@ class Context:
         return [self.prepare_dir / f"task-{t.index:05d}" for t in self.plan]
 
     def locate(self, gids: list[int]) -> dict[int, str]:
-        """Document ids of the given gids (for reports: which copy survived), one pass over
-        each task file involved."""
-        import pyarrow as pa
-
-        want: dict[int, set[int]] = {}
-        for g in gids:
-            want.setdefault(g >> 32, set()).add(g)
+        """Document ids of the given gids (for reports: which copy survived), in one pass: each
+        task file involved is read once, in task order, and only its gid and id columns."""
+        want = np.unique(np.asarray(gids, dtype=np.uint64))
         found: dict[int, str] = {}
-        for task, gs in sorted(want.items()):
-            path = self.prepare_dir / f"task-{task:05d}" / "docs.arrow"
-            for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
-                for g, i in zip(batch.column("gid").to_pylist(), batch.column("id").to_pylist()):
-                    if g in gs:
-                        found[g] = i
+        for task in np.unique(want >> np.uint64(32)).tolist():
+            for batch_gids, ids in dedup.gids_and_ids(self.prepare_dir / f"task-{task:05d}"):
+                for i in np.flatnonzero(np.isin(batch_gids, want)):
+                    found[int(batch_gids[i])] = ids[int(i)].as_py()
         return found
+
+    def exact_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """All exact pairs, sorted by gid, as memory-mapped (gid, survivor) columns."""
+        d = self.dedup_dir / "exact"
+        if not self.cfg.exact_dedup.enabled:
+            return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64)
+        return np.load(d / "gid.npy", mmap_mode="r"), np.load(d / "survivor.npy", mmap_mode="r")
+
+    def task_sizes(self) -> np.ndarray:
+        """The number of gids each task can have (its input records), by task index."""
+        sizes = np.zeros(max(t.index for t in self.plan) + 1, dtype=np.uint64)
+        for t, d in zip(self.plan, self.task_dirs()):
+            sizes[t.index] = json.loads((d / "stats.json").read_text())["records"].get("input", 0)
+        return sizes
 
 
 def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
@@ -124,12 +132,40 @@ def _exact(ctx: Context, p: int) -> int:
     return p
 
 
+def _merge_exact(ctx: Context) -> None:
+    """The partitions' exact pairs into one gid-sorted pair of columns (what near edges and the
+    merge look representatives up in), streamed."""
+    parts = [np.load(ctx.dedup_dir / f"exact-{p:03d}.npy", mmap_mode="r") for p in range(ctx.cfg.minhash.partitions)]
+    with staged_dir(ctx.dedup_dir / "exact") as tmp:
+        gid, survivor = NpyAppender(tmp / "gid.npy", np.uint64), NpyAppender(tmp / "survivor.npy", np.uint64)
+        for block in dedup.merge_sorted(parts):
+            gid.append(np.ascontiguousarray(block["gid"]))
+            survivor.append(np.ascontiguousarray(block["survivor"]))
+        gid.close(create=True)
+        survivor.close(create=True)
+
+
 def _near(ctx: Context, p: int) -> int:
     out = ctx.dedup_dir / f"near-{p:03d}.npy"
     if not out.exists():
         store = dedup.SignatureStore(ctx.prepare_dir)
-        _save_npy(out, dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold, ctx.cfg.minhash.ngram))
+        pairs = dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold, ctx.cfg.minhash.ngram)
+        _save_npy(out, dedup.representative_edges(pairs, *ctx.exact_columns()))
     return p
+
+
+def _merge(ctx: Context, near: list[Path]) -> None:
+    work = tmp_name(ctx.dedup_dir / "merge")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    sizes = ctx.task_sizes()
+    survivors = dedup.Bitmap(sizes, work / "survivors.bits")
+    dedup.merge_to(work, *ctx.exact_columns(), [np.load(f, mmap_mode="r") for f in near], sizes, work / "removed.npy",
+                   survivors)
+    if not (ctx.dedup_dir / "survivors").exists():  # a killed run may have got this far
+        dedup.SurvivorIds.write(ctx.dedup_dir / "survivors", ctx.task_dirs(), survivors)
+    os.replace(work / "removed.npy", ctx.dedup_dir / "removed.npy")  # the stage's completion marker
+    shutil.rmtree(work)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -141,7 +177,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _tokenize(ctx: Context, task: Task) -> dict:
-    return run_tokenize(ctx.cfg, task, ctx.work, ctx.shard_dir, ctx.model_file, ctx.locate)
+    return run_tokenize(ctx.cfg, task, ctx.work, ctx.shard_dir, ctx.model_file, dedup.SurvivorIds(ctx.dedup_dir / "survivors"))
 
 
 class Stage:
@@ -166,6 +202,8 @@ class ExactDedup(Stage):
         _require(ctx, ctx.task_dirs(), "prepare")
         if ctx.cfg.exact_dedup.enabled:
             ex.map("exact dedup", partial(_exact, ctx), list(range(ctx.cfg.minhash.partitions)))
+            if not (ctx.dedup_dir / "exact").exists():
+                LocalSingle().run("merge exact", lambda: _merge_exact(ctx))
 
 
 class NearDedup(Stage):
@@ -174,6 +212,8 @@ class NearDedup(Stage):
     def run(self, ctx, ex):
         _require(ctx, ctx.task_dirs(), "prepare")
         if ctx.cfg.minhash.enabled:
+            if ctx.cfg.exact_dedup.enabled:  # near edges are moved onto exact groups' representatives
+                _require(ctx, [ctx.dedup_dir / "exact"], "dedup")
             ex.map("minhash dedup", partial(_near, ctx), list(range(ctx.cfg.minhash.partitions)))
 
 
@@ -185,11 +225,10 @@ class MergeDedup(Stage):
         if out.exists():
             return
         P = ctx.cfg.minhash.partitions
-        exact = [ctx.dedup_dir / f"exact-{p:03d}.npy" for p in range(P)] if ctx.cfg.exact_dedup.enabled else []
+        exact = [ctx.dedup_dir / "exact"] if ctx.cfg.exact_dedup.enabled else []
         near = [ctx.dedup_dir / f"near-{p:03d}.npy" for p in range(P)] if ctx.cfg.minhash.enabled else []
         _require(ctx, exact + near, "dedup")
-        ex_ = LocalSingle()
-        ex_.run("merge clusters", lambda: _save_npy(out, dedup.merge([np.load(f) for f in exact], [np.load(f) for f in near])))
+        LocalSingle().run("merge clusters", lambda: _merge(ctx, near))
 
 
 class LocalSingle:

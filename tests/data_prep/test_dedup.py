@@ -1,5 +1,5 @@
 """Exact and MinHash deduplication on planted duplicates, through the real prepare and dedup
-stages (files on disk, partitions, union-find merge)."""
+stages (files on disk, partitions, the streamed merge)."""
 import random
 import sys
 from pathlib import Path
@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from prep_corpus import real_documents, tiny_config, write_jsonl
 from data_prep.config import MinHashConfig, PrepConfig
+from data_prep import dedup
 from data_prep.dedup import KIND_EXACT, KIND_NEAR, PAIR_DTYPE, jaccard, merge, shingle_sets
 from data_prep.executor import LocalExecutor
 from data_prep.stages import STAGES, open_context
@@ -122,3 +123,46 @@ def test_chain_of_real_documents_is_not_merged(tmp_path):
     assert _jaccard(texts["A"], texts["C"]) < 0.5
     removed = _dedup(tmp_path, {"a.jsonl": [{"id": k, "text": t} for k, t in texts.items()]})
     assert removed == {"B": ("near", "A")}
+
+
+def _merge_in_one_heap(exact, near):
+    """The merge as it was, every edge in Python dicts: the reference the streamed one must match."""
+    rep = dict(zip(exact["gid"].tolist(), exact["survivor"].tolist()))
+    earlier: dict[int, set[int]] = {}
+    for a, b in zip(near["survivor"].tolist(), near["gid"].tolist()):
+        a, b = rep.get(a, a), rep.get(b, b)
+        if a != b:
+            earlier.setdefault(max(a, b), set()).add(min(a, b))
+    near_of: dict[int, int] = {}
+    for doc in sorted(earlier):
+        kept = [g for g in earlier[doc] if g not in near_of]
+        if kept:
+            near_of[doc] = min(kept)
+    rows = {g: (KIND_NEAR, near_of[r]) if r in near_of else (KIND_EXACT, r) for g, r in rep.items()}
+    rows.update((g, (KIND_NEAR, s)) for g, s in near_of.items())
+    return dict(sorted(rows.items()))
+
+
+def test_streamed_merge_in_small_blocks_decides_as_in_one_heap(monkeypatch):
+    # Random exact groups and near edges over three tasks, merged with blocks of 7 rows (so a
+    # document's candidates and long runs of one gid cross block edges), against the merge that
+    # held everything in dicts.
+    monkeypatch.setattr(dedup, "MERGE_ROWS", 7)
+    rng = np.random.default_rng(0)
+    gids = np.sort(rng.choice(3 * 400, 400, replace=False)).astype(np.uint64)
+    gids = (gids // 400 << np.uint64(32)) | (gids % 400)  # tasks 0-2, ordinals < 400
+    firsts = rng.choice(len(gids) - 1, 40, replace=False)
+    exact = _pairs([(gids[i], gids[j]) for i in firsts for j in rng.choice(np.arange(i + 1, len(gids)), 2, replace=False)])
+    _, first = np.unique(exact["gid"], return_index=True)  # a document has one exact group
+    exact = exact[first]
+    exact = exact[~np.isin(exact["gid"], exact["survivor"])]
+    a, b = rng.integers(0, len(gids), (2, 1500))
+    near = _pairs([(gids[min(x, y)], gids[max(x, y)]) for x, y in zip(a, b) if x != y])
+    # A hub: one document with more candidates than a block holds.
+    near = np.concatenate([near, _pairs([(gids[i], gids[-1]) for i in range(30)])])
+    parts = np.array_split(rng.permutation(near), 4)
+    got = merge([exact[: len(exact) // 2], exact[len(exact) // 2 :]], parts)
+    want = _merge_in_one_heap(exact, near)
+    assert len(want) > 150
+    assert {int(r["gid"]): (int(r["kind"]), int(r["survivor"])) for r in got} == want
+    assert list(got["gid"]) == sorted(want)
