@@ -38,7 +38,9 @@ def _call(args):
 
 
 def _call_ray(fn, i, item):
-    return i, fn(item)
+    import ray
+
+    return i, fn(item), ray.get_runtime_context().get_node_id()
 
 
 class ExecutorError(Exception):
@@ -93,14 +95,19 @@ class RayExecutor:
         fn_ref = ray.put(fn)  # shipped to the object store once, resolved on each node
         pending = {remote.remote(fn_ref, i, it): i for i, it in enumerate(items)}
         results: list = [None] * len(items)
+        nodes: set[str] = set()
         with _bar(label, sum(weights), unit) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    i, res = ray.get(ref)
+                    i, res, node = ray.get(ref)
                     del pending[ref]
                     results[i] = res
+                    nodes.add(node)
                     bar.update(weights[i])
+        # Which nodes did the work: a cluster that runs everything on the head is visible here.
+        print(f"{label}: {len(items)} tasks ran on {len(nodes)} Ray node(s): {' '.join(sorted(n[:8] for n in nodes))}",
+              file=sys.stderr)
         return results
 
 
