@@ -111,10 +111,10 @@ class RayExecutor:
         return results
 
 
-# Ray tries a connection 20 times (about 20 s when the cluster refuses the token, 14 minutes
-# when nothing answers) and logs each try from its C++ core to stderr. A wrong address or token
-# should cost seconds and say so in one line.
-_CONNECT_TRIES = "5"
+# Ray tries a connection 20 times (about 1 s each when the cluster refuses the token, 40 s when
+# nothing or no Ray answers: 14 minutes) and logs each try from its C++ core to stderr. A wrong
+# address or token should cost seconds and say so in one line.
+_CONNECT_TRIES = "3"
 
 
 @contextlib.contextmanager
