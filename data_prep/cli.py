@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from data_prep.config import ConfigError, load_config
+    from data_prep.executor import ExecutorError
     from data_prep.readers import ReadError
     from data_prep.stages import STAGES, StageError, open_context
     from data_prep.stats import dump
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in STAGES:
             if stage.name in wanted:
                 stage.run(ctx, executor)
-    except (ConfigError, ReadError, StageError) as e:
+    except (ConfigError, ExecutorError, ReadError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out

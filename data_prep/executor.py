@@ -8,10 +8,13 @@ a queue), the Ray executor when a task ends. `fn` must be a picklable module-lev
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import socket
 import sys
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -82,7 +85,13 @@ def _call(args):
 
 
 def _call_ray(fn, i, item):
-    return i, fn(item)
+    import ray
+
+    return i, fn(item), ray.get_runtime_context().get_node_id()
+
+
+class ExecutorError(Exception):
+    """The cluster cannot be used; the message is one line naming the address."""
 
 
 class LocalExecutor:
@@ -145,8 +154,10 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, num_cpus=workers if address is None else None,
-                     log_to_driver=False, include_dashboard=False)
+            if address is None:
+                ray.init(num_cpus=workers, log_to_driver=False, include_dashboard=False)
+            else:
+                _connect(ray, address)
         self.ray = ray
 
     def map(self, label: str, fn: Callable, items: Sequence, weights: Sequence[float] | None = None, unit: str = "task") -> list:
@@ -156,15 +167,82 @@ class RayExecutor:
         fn_ref = ray.put(fn)  # shipped to the object store once, resolved on each node
         pending = {remote.remote(fn_ref, i, it): i for i, it in enumerate(items)}
         results: list = [None] * len(items)
+        nodes: set[str] = set()
         with _bar(label, sum(weights), unit) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    i, res = ray.get(ref)
+                    i, res, node = ray.get(ref)
                     del pending[ref]
                     results[i] = res
+                    nodes.add(node)
                     bar.update(weights[i])
+        # Which nodes did the work: a cluster that runs everything on the head is visible here.
+        print(f"{label}: {len(items)} tasks ran on {len(nodes)} Ray node(s): {' '.join(sorted(n[:8] for n in nodes))}",
+              file=sys.stderr)
         return results
+
+
+# Ray tries a connection 20 times (about 1 s each when the cluster refuses the token, 40 s when
+# nothing or no Ray answers: 14 minutes) and logs each try from its C++ core to stderr. A wrong
+# address or token should cost seconds and say so in one line.
+_CONNECT_TRIES = "3"
+
+
+@contextlib.contextmanager
+def _stderr_captured(into: list):
+    """fd 2, where Python and Ray's C++ core both write, goes to a file; its text is appended to `into`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            into.append(f.read().decode(errors="replace"))
+
+
+def _connect(ray, address: str) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            why = "no answer in 10 s" if isinstance(e, TimeoutError) else e.strerror or str(e)
+            raise ExecutorError(f"Ray address {address}: cannot connect ({why}); is the head node started there "
+                                f"(`ray start --head --port={port}`)?") from None
+    own_tries = "RAY_gcs_server_port_wait_time_s" not in os.environ  # a user's own setting wins
+    if own_tries:
+        os.environ["RAY_gcs_server_port_wait_time_s"] = _CONNECT_TRIES
+    error, log = None, []
+    try:
+        with _stderr_captured(log):
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+        error = e
+    finally:
+        if own_tries:
+            del os.environ["RAY_gcs_server_port_wait_time_s"]
+    if error is None:
+        sys.stderr.write(log[0])  # what Ray says on a good connection is not lost
+        return
+    if isinstance(error, ray.exceptions.AuthenticationError):
+        why = ("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, "
+               "or write ~/.ray/auth_token) to the cluster's token")
+    elif "Unauthenticated" in log[0]:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            why = ("the cluster rejected this process's token (taken from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                   "or ~/.ray/auth_token, in that order): give it the cluster's token")
+        else:
+            why = ("the cluster requires token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                   "(or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+    else:
+        why = (str(error).strip() or type(error).__name__).splitlines()[0]
+    raise ExecutorError(f"Ray address {address}: {why}") from None
 
 
 def make_executor(kind: str, workers: int | None, address: str | None):

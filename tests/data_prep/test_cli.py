@@ -53,3 +53,14 @@ def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
     strict = tiny_config(src, filters={"language": {"enabled": True, "languages": ["de"]}}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "f.json", strict), "--out", tmp_path / "f"])
     assert "no document is left after reading and filtering (6 input records; filtered:language:not_de 6)" in msg
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # bound, not listening: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        cfg = write_config(tmp_path / "c.json", tiny_config(_source(tmp_path)))
+        msg = _error(capsys, ["run", "--config", cfg, "--out", tmp_path / "o", "--executor", "ray", "--ray-address", address])
+    assert msg.startswith(f"error: Ray address {address}: cannot connect (Connection refused)"), msg

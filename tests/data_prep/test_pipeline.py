@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from prep_corpus import awkward_jsonl, real_documents, tiny_config, write_config, write_jsonl
+from ray_cluster import two_node_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args, timeout=240):
+def _cli(*args, timeout=240, env=None):
     return subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def make_corpus(d: Path) -> dict:
@@ -207,14 +209,31 @@ def test_stage_by_stage_with_one_worker_gives_the_same_output(prepared, tmp_path
         assert (d / "out" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
 
 
-def test_ray_executor_gives_the_same_output(prepared, tmp_path):
-    pytest.importorskip("ray")
+def test_two_node_ray_cluster_gives_the_same_output_and_one_line_auth_errors(prepared, tmp_path):
     d = prepared[0]
     cfg = config_for(d, output={"write_removed": True})
-    r = _cli("run", "--config", cfg, "--out", tmp_path / "ray", "--executor", "ray", "--workers", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    for f in ("shards/manifest.json", "stats.json", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json"):
-        assert (d / "out" / f).read_bytes() == (tmp_path / "ray" / f).read_bytes(), f
+    run = ["run", "--config", cfg, "--executor", "ray"]
+    with two_node_cluster() as cluster:
+        address = ["--ray-address", cluster.address]
+        # Missing and wrong tokens, beside the real run: each fails in seconds with one line.
+        no_auth = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+        bad = [subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, run), "--out", tmp_path / name, *address],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, env in (("no-token", no_auth), ("wrong-token", {**cluster.env, "RAY_AUTH_TOKEN": "0" * 32}))]
+        r = _cli(*run, "--out", tmp_path / "ray", *address, env=cluster.env)
+        errors = [p.communicate(timeout=120) + (p.returncode,) for p in bad]
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Every output file is byte-identical to the local executor's.
+    ref, got = ({p.relative_to(out): p for p in out.rglob("*") if p.is_file() and "work" not in p.relative_to(out).parts}
+                for out in (d / "out", tmp_path / "ray"))
+    assert sorted(got) == sorted(ref)
+    assert [f for f in ref if ref[f].read_bytes() != got[f].read_bytes()] == []
+    # The tasks ran on both nodes: the executor names the nodes each stage's tasks ran on.
+    used = {n for line in re.findall(r"tasks ran on \d+ Ray node\(s\): ([0-9a-f ]+)", r.stderr) for n in line.split()}
+    assert used == {n[:8] for n in cluster.node_ids}, r.stderr[-3000:]
+    for (out, err, code), why in zip(errors, ("the cluster requires token authentication: set RAY_AUTH_MODE=token",
+                                              "the cluster rejected this process's token")):
+        assert code == 2 and err.strip().count("\n") == 0 and f"Ray address {cluster.address}: {why}" in err, err
 
 
 def _run_in_process(d: Path, task_bytes: int) -> Path:
