@@ -300,7 +300,8 @@ class BlendOrder:
 
     def locate_many(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """`locate` for an array of positions: (sources, samples), int64 arrays."""
-        epoch, i = np.divmod(np.asarray(positions, dtype=np.int64).astype(self._int), self.num_samples)
+        p = np.asarray(positions, dtype=np.int64).astype(self._int)
+        epoch, i = p // self.num_samples, p % self.num_samples  # (np.divmod has no loop for Python ints)
         source, draw = self._blend(i)
         sample = np.empty(len(i), dtype=np.int64)
         for s in self._live:

@@ -205,6 +205,9 @@ def test_blend_of_more_samples_than_int64_products_allow_is_exact():
         assert np.array_equal(mine, np.arange(mine[0], mine[0] + len(mine))) if len(mine) else True
     # and as many draws precede the first as the times say
     assert sum(draws_before(c, time[0], t < source[0]) for t, c in enumerate(counts)) == start
+    positions = np.random.default_rng(5).integers(0, 3 * order.num_samples, 50)
+    many = order.locate_many(positions)
+    assert [order.locate(int(p)) for p in positions] == list(zip(*(a.tolist() for a in many)))
 
 
 def draws_before(count: int, time: Fraction, tie_first: bool) -> int:
