@@ -1,5 +1,8 @@
 import hashlib
 import json
+import math
+import tracemalloc
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +10,18 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from pipeline.data import Manifest, ManifestError, blend_counts, build_blend_index, open_split
+from pipeline.data import BlendOrder, Manifest, ManifestError, blend_counts, feistel_permute, open_split
+
+
+def reference_blend_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blend as one sorted per-sample array (how the loader once built it): (source id,
+    draw number) for each position, draw k of source s at time (k + ½) / counts[s], ties to
+    the lower source id. Exact in float64 for counts below about 4·10^7."""
+    times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])
+    ids = np.concatenate([np.full(c, s, dtype=np.int32) for s, c in enumerate(counts) if c])
+    draws = np.concatenate([np.arange(c, dtype=np.int64) for c in counts if c])
+    order = np.lexsort((ids, times))
+    return ids[order], draws[order]
 
 
 def write_manifest(root: Path, sources: dict[str, list[np.ndarray]], vocab: int = 1000) -> Path:
@@ -50,18 +64,17 @@ def test_samples_are_windows_of_the_concatenated_documents(tmp_path):
     assert x.shape == (2, 16) and np.array_equal(x[:, 1:], y[:, :-1])
 
 
-def test_order_depends_on_seed_only_and_index_is_cached(tmp_path):
+def test_order_depends_on_seed_only_and_nothing_is_written(tmp_path):
     rng = np.random.default_rng(1)
     path = write_manifest(tmp_path, {"a": docs_of(rng, 80, 5, 60, 10)})
+    before = sorted(tmp_path.rglob("*"))
     first = open_split(Manifest.load(path), "train", 16, seed=7)
-    cached = list((tmp_path / "index").glob("*.npy"))
-    assert len(cached) == 2
     again = open_split(Manifest.load(path), "train", 16, seed=7)
-    assert isinstance(again.ids, np.memmap)  # read back from the cache, not rebuilt
     other = open_split(Manifest.load(path), "train", 16, seed=8)
     positions = range(0, 3 * first.num_samples, 5)  # across epochs
     assert all(np.array_equal(first.at(p), again.at(p)) for p in positions)
     assert not all(np.array_equal(first.at(p), other.at(p)) for p in range(10))
+    assert sorted(tmp_path.rglob("*")) == before  # the order is computed, not cached beside the shards
 
 
 def test_mixture_weights_set_the_share_of_each_source(tmp_path):
@@ -86,7 +99,7 @@ def test_mixture_naming_an_unknown_source_is_refused(tmp_path):
 def test_blend_counts_add_up_and_spread_evenly():
     counts = blend_counts([100, 50, 7], [0.5, 0.3, 0.2])
     assert counts.sum() == 157 and list(counts) == [79, 47, 31]  # 78.5, 47.1, 31.4: the .5 gets the spare
-    ids, draws = build_blend_index(counts)
+    ids, draws = BlendOrder([100, 50, 7], [0.5, 0.3, 0.2], seed=0).blend_many(np.arange(157))
     for s, c in enumerate(counts):
         assert sorted(draws[ids == s]) == list(range(c))
         # every prefix holds each source within one draw of its share
@@ -107,3 +120,100 @@ def test_manifest_errors_name_the_field(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="holds 120 tokens but the manifest says 121"):
         open_split(Manifest.load(path), "train", 4, seed=0)
+
+
+def test_blend_order_is_the_sorted_blend_index_for_random_mixtures():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        n_sources = int(rng.integers(1, 6))
+        sizes = rng.integers(1, rng.choice([3, 30, 400]), n_sources).tolist()
+        weights = (rng.integers(0, 4, n_sources) * rng.choice([1.0, 0.37])).tolist()
+        weights[0] += 0.5  # at least one source drawn
+        order = BlendOrder(sizes, weights, seed=int(rng.integers(2**40)))
+        ids, draws = reference_blend_index(blend_counts(sizes, weights))
+        source, draw = order.blend_many(np.arange(order.num_samples))
+        assert np.array_equal(source, ids) and np.array_equal(draw, draws), (sizes, weights)
+        # one position at a time (exact Python ints) and a batch (numpy) agree, across epochs
+        positions = rng.integers(0, 5 * order.num_samples, 20)
+        many = order.locate_many(positions)
+        assert [order.locate(int(p)) for p in positions] == list(zip(*(a.tolist() for a in many)))
+
+
+def test_each_source_uses_every_sample_once_per_pass_in_a_seeded_order():
+    order = BlendOrder([37, 101], [3.0, 1.0], seed=5)  # "a" up-weighted: it repeats, in new orders
+    source, sample = order.locate_many(np.arange(4 * order.num_samples))
+    a = sample[source == 0]
+    passes = [a[i:i + 37] for i in range(0, len(a) - 36, 37)]
+    assert len(passes) >= 8 and all(sorted(p) == list(range(37)) for p in passes)
+    assert len({tuple(p) for p in passes}) == len(passes)  # each pass its own permutation
+    assert sorted(sample[source == 1][:101]) == list(range(101))
+
+
+def test_feistel_permutation_is_a_seeded_bijection_that_scatters_neighbours():
+    for n in [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 64, 97, 127, 128, 1000, 1024, 4099, 65536]:
+        for key in (0, 1, 2**63 + 12345):
+            x = np.arange(n, dtype=np.uint64)
+            perm = feistel_permute(x, n, np.full(n, key, dtype=np.uint64))
+            assert sorted(perm.tolist()) == list(range(n)), (n, key)
+            assert [feistel_permute(int(i), n, key) for i in x[:50]] == perm[:50].tolist()
+    n = 10007  # a prime
+    x = np.arange(n, dtype=np.uint64)
+    one, two = (feistel_permute(x, n, np.full(n, key, dtype=np.uint64)).astype(np.int64) for key in (11, 12))
+    assert np.mean(one == two) < 0.01  # another key, another permutation
+    assert np.mean(np.abs(np.diff(one)) == 1) < 0.01  # neighbours are not neighbouring samples
+    assert np.mean(one == np.arange(n)) < 0.01
+    assert abs(np.mean(np.abs(one - np.arange(n))) / n - 1 / 3) < 0.02  # a random permutation's mean displacement
+
+
+def test_order_of_a_trillion_token_mixture_needs_a_few_kilobytes():
+    """1T tokens at seq_len 2048, three sources mixed 0.6/0.3/0.1: about 4.9·10^8 samples a
+    blend epoch, where a per-sample index would take gigabytes per rank."""
+    sizes = [293_000_000, 146_000_000, 49_300_000]
+    positions = np.random.default_rng(0).integers(0, 10 * sum(sizes), 1000).tolist()  # ten epochs
+    tracemalloc.start()
+    try:
+        order = BlendOrder(sizes, [0.6, 0.3, 0.1], seed=1234)
+        out_of_range = 0
+        for p in positions:
+            s, j = order.locate(p)
+            out_of_range += not 0 <= j < sizes[s]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000, peak  # about 7 kB; the per-sample index took 12 bytes × 4.9·10^8 and a sort
+    assert out_of_range == 0
+    assert order.num_samples == sum(sizes)
+    counts = blend_counts(sizes, [0.6, 0.3, 0.1])
+    start = 3 * order.num_samples + 123_456_789  # a window inside the fourth epoch
+    source, sample = order.locate_many(np.arange(start, start + 10_000))
+    for s, c in enumerate(counts):
+        assert abs(np.sum(source == s) - 10_000 * c / order.num_samples) <= 2  # its share, within a draw each end
+        assert len(np.unique(sample[source == s])) == np.sum(source == s)
+
+
+def test_blend_of_more_samples_than_int64_products_allow_is_exact():
+    """Past about 2^31 samples an epoch the counting runs on Python integers: the draws found
+    for consecutive positions are each source's next draw, in the order of their times."""
+    counts = [3_000_000_019, 1_999_999_999, 7]
+    order = BlendOrder(counts, counts, seed=0)
+    start = 1_234_567_890_123 % order.num_samples
+    source, draw = order.blend_many(np.arange(start, start + 2_000))
+    time = [Fraction(2 * int(k) + 1, 2 * counts[s]) for s, k in zip(source, draw)]
+    assert all((time[i], source[i]) < (time[i + 1], source[i + 1]) for i in range(len(time) - 1))
+    for s in range(3):
+        mine = draw[source == s]
+        assert np.array_equal(mine, np.arange(mine[0], mine[0] + len(mine))) if len(mine) else True
+    # and as many draws precede the first as the times say
+    assert sum(draws_before(c, time[0], t < source[0]) for t, c in enumerate(counts)) == start
+    positions = np.random.default_rng(5).integers(0, 3 * order.num_samples, 50)
+    many = order.locate_many(positions)
+    assert [order.locate(int(p)) for p in positions] == list(zip(*(a.tolist() for a in many)))
+
+
+def draws_before(count: int, time: Fraction, tie_first: bool) -> int:
+    """Draws of a source of `count` draws at times (2j + 1) / (2·count) before `time`, or at
+    it when `tie_first`."""
+    y = 2 * count * time  # draw j is at y = 2j + 1
+    strictly = min(count, max(0, math.ceil((y - 1) / 2)))
+    tie = y.denominator == 1 and y.numerator % 2 == 1 and y < 2 * count
+    return strictly + int(tie and tie_first)
