@@ -20,7 +20,7 @@ HAVE     ?=
 TF4_VENV ?= .venv-tf4
 BENCH_VENV ?= .venv-bench
 
-.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env
+.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env ds-ops
 
 install: $(VENV)/.installed
 
@@ -45,8 +45,17 @@ $(BENCH_VENV)/.installed: bench/requirements-bench.txt $(VENV)/.installed
 	$(VENV)/bin/pip --python $(BENCH_VENV)/bin/python install --quiet -r bench/requirements-bench.txt
 	touch $@
 
+# DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) on first use, under a lock
+# file in ~/.cache/torch_extensions. Built here, once, no test's timeout can kill a compile
+# half-way and leave that lock behind, on which every later DeepSpeed process would wait forever.
+# The venv's ninja first on PATH, as for the tests: the system's ninja hashes the compile
+# commands differently, and each switch between the two would compile the ops again.
+ds-ops: install
+	DS_ACCELERATOR=cpu PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, \
+	  ShareMemCommBuilder; [b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
+
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: install tf4-env bench-install
+test: install tf4-env bench-install ds-ops
 	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed

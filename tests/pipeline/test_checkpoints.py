@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -52,3 +53,32 @@ def test_safe_loading_routes_every_torch_load_through_the_allow_list(tmp_path):
         state = torch.load(f, weights_only=False)
     assert state["stage"] is ZeroStageEnum.weights  # DeepSpeed's own class, for its engine
     assert "deepspeed.runtime.zero.config.ZeroStageEnum" in ALLOWED_GLOBALS
+
+
+def test_a_save_that_cannot_write_is_one_error_naming_the_path(tmp_path, monkeypatch):
+    """A real ZeRO-3 engine in this process (one rank, gloo). Failed first: DeepSpeed's OSError
+    escaped as a traceback (a full disk or a read-only mount alike; here a file in the way)."""
+    from runs import free_port
+
+    from pipeline.config import load_profile
+    from pipeline.distributed import init_distributed
+    from pipeline.engines import build_engine
+    from pipeline.faults import FaultInjection
+
+    for k, v in dict(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    init_distributed()
+    try:
+        profile = load_profile("ds_configs/tiny_cpu.json", 1, [f"data.manifest={tmp_path}/manifest.json"], vocab_size=512)
+        engine = build_engine(profile)
+        ckpts = Checkpoints(tmp_path / "checkpoints", keep_last=2)
+        assert ckpts.save(engine, 1, {}, {}, FaultInjection()) == "global_step1"
+        shutil.rmtree(ckpts.staging)
+        ckpts.staging.write_text("in the way")
+        with pytest.raises(CheckpointError) as e:
+            ckpts.save(engine, 2, {}, {}, FaultInjection())
+    finally:
+        torch.distributed.destroy_process_group()
+    assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{ckpts.staging}: saving checkpoint global_step2 failed")
+    assert ckpts.latest() == "global_step1" and ckpts.tags() == ["global_step1"]  # the complete save is untouched
