@@ -181,8 +181,10 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
 
 
 def build_manifest(cfg: PrepConfig, tokenize: list[dict], model_file: Path, vocab: dict) -> dict:
+    # `tokenize` is in task order, each task's shards in the order written: a stable sort by split
+    # keeps document order (the names' 5-digit task numbers would sort task 100000 before 20000).
     shards = [s for t in tokenize for s in t["shards"]]
-    shards.sort(key=lambda s: (s["split"] != "train", s["path"]))
+    shards.sort(key=lambda s: s["split"] != "train")
     splits = {s: {"documents": 0, "tokens": 0} for s in ("train", "validation")}
     sources: dict = {}
     for sh in shards:

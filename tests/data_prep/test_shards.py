@@ -30,3 +30,22 @@ def test_validation_split_is_a_stable_fraction():
     assert 0.015 < sum(val) / len(val) < 0.025
     assert val == [is_validation("web", f"doc{i}", 0.02, 0) for i in range(20_000)]
     assert not any(is_validation("web", f"doc{i}", 0.0, 0) for i in range(1000))
+
+
+def test_manifest_lists_shards_in_task_order_past_five_digit_task_numbers(tmp_path):
+    """Failed first: shards were sorted by name, and train-100000-0000 sorts before train-20000-0000."""
+    from data_prep.config import PrepConfig
+    from data_prep.shards import build_manifest
+
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"model")
+
+    def shard(split, task):
+        return {"path": f"{split}-{task:05d}-0000.arrow", "split": split, "source": "web", "documents": 1, "tokens": 9}
+
+    tasks = [20000, 99999, 100000, 100001]
+    toks = [{"shards": [shard("validation", t), shard("train", t)]} for t in tasks]
+    cfg = PrepConfig.model_validate({"sources": [{"name": "web", "type": "jsonl", "paths": [str(tmp_path)]}]})
+    m = build_manifest(cfg, toks, model, {"vocab_size": 100, "bos_id": 1, "eos_id": 2, "pad_id": -1, "unk_id": 0})
+    assert [s["path"] for s in m["shards"]] == ([shard("train", t)["path"] for t in tasks]
+                                                 + [shard("validation", t)["path"] for t in tasks])
