@@ -20,9 +20,9 @@ HAVE     ?=
 TF4_VENV ?= .venv-tf4
 BENCH_VENV ?= .venv-bench
 
-.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env ds-ops
+.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.ds-ops
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,16 +46,17 @@ $(BENCH_VENV)/.installed: bench/requirements-bench.txt $(VENV)/.installed
 	touch $@
 
 # DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) on first use, under a lock
-# file in ~/.cache/torch_extensions. Built here, once, no test's timeout can kill a compile
-# half-way and leave that lock behind, on which every later DeepSpeed process would wait forever.
-# The venv's ninja first on PATH, as for the tests: the system's ninja hashes the compile
-# commands differently, and each switch between the two would compile the ops again.
-ds-ops: install
-	DS_ACCELERATOR=cpu PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, \
-	  ShareMemCommBuilder; [b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
+# file in ~/.cache/torch_extensions. Built with the environment, once, no test's timeout can kill
+# a compile half-way and leave that lock behind, on which every later DeepSpeed process would
+# wait forever. The venv's ninja first on PATH, as for the tests and launch/demo.sh: the system's
+# ninja hashes the compile commands differently, and each switch would compile the ops again.
+$(VENV)/.ds-ops: $(VENV)/.installed
+	DS_ACCELERATOR=cpu PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -c "from deepspeed.ops.op_builder.cpu \
+	  import CPUAdamBuilder, ShareMemCommBuilder; [b().load(verbose=False) for b in (ShareMemCommBuilder, CPUAdamBuilder)]"
+	touch $@
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: install tf4-env bench-install ds-ops
+test: install tf4-env bench-install
 	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed
