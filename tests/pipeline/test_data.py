@@ -1,6 +1,8 @@
+import gc
 import hashlib
 import json
 import math
+import os
 import tracemalloc
 from fractions import Fraction
 from pathlib import Path
@@ -10,7 +12,8 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from pipeline.data import BlendOrder, Manifest, ManifestError, blend_counts, feistel_permute, open_split
+from pipeline.data import (OPEN_SHARDS, BlendOrder, Manifest, ManifestError, TokenStream, blend_counts,
+                           feistel_permute, open_split)
 
 
 def reference_blend_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -26,20 +29,45 @@ def reference_blend_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def write_manifest(root: Path, sources: dict[str, list[np.ndarray]], vocab: int = 1000) -> Path:
     """Shards per the contract in docs/formats.md, one per source, written with pyarrow."""
+    return write_shards(root, [(f"train-{name}.arrow", name, docs) for name, docs in sources.items()], vocab=vocab)
+
+
+def write_shards(root: Path, shards: list[tuple[str, str, list]], vocab: int = 1000, dtype: str = "uint16",
+                 chunk: int = 7, split: str = "train", compression: str | None = None) -> Path:
+    """A manifest of the given (file name, source, documents) shards, each written as record
+    batches of `chunk` documents (several per shard)."""
     root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for name, docs in sources.items():
-        path = root / f"train-{name}.arrow"
-        table = pa.table({"input_ids": pa.array(docs, type=pa.list_(pa.uint16()))})
-        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-            w.write_table(table, max_chunksize=7)  # several record batches per shard
-        shards.append({"path": path.name, "split": "train", "source": name, "documents": len(docs),
-                       "tokens": int(sum(len(d) for d in docs)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    manifest = {"format": "arrow-token-shards", "version": 1, "column": "input_ids", "dtype": "uint16",
+    entries = []
+    for name, source, docs in shards:
+        path = root / name
+        ends = np.cumsum([0] + [len(d) for d in docs], dtype=np.int32)
+        values = np.concatenate([np.empty(0, dtype), *docs]).astype(dtype)
+        table = pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(ends), pa.array(values))})
+        options = pa.ipc.IpcWriteOptions(compression=compression)
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema, options=options) as w:
+            w.write_table(table, max_chunksize=chunk)
+        entries.append({"path": path.name, "split": split, "source": source, "documents": len(docs),
+                        "tokens": int(sum(len(d) for d in docs)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = {"format": "arrow-token-shards", "version": 1, "column": "input_ids", "dtype": dtype,
                 "tokenizer": {"model": "tok.model", "sha256": "0", "vocab_size": vocab, "bos_id": 1, "eos_id": 2},
-                "shards": shards}
+                "shards": entries}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root / "manifest.json"
+
+
+def reference_tokens(shards) -> np.ndarray:
+    """The shards' tokens concatenated by pyarrow alone."""
+    return np.concatenate([pa.ipc.open_stream(pa.memory_map(str(s.path))).read_all().column("input_ids")
+                           .combine_chunks().flatten().to_numpy().astype(np.int64) for s in shards])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) * 1024
 
 
 def docs_of(rng, n, lo, hi, base):
@@ -120,6 +148,20 @@ def test_manifest_errors_name_the_field(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="holds 120 tokens but the manifest says 121"):
         open_split(Manifest.load(path), "train", 4, seed=0)
+    raw["shards"][0]["tokens"] -= 1
+    for field, value, message in [("column", "ids", r"train-a.arrow: no column 'ids'"),
+                                  ("dtype", "uint32", r"train-a.arrow: column 'input_ids' is list<item: uint16>, "
+                                                      r"expected list<uint32> \(the manifest's dtype\)")]:
+        path.write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(ManifestError, match=message):
+            open_split(Manifest.load(path), "train", 4, seed=0)
+    (tmp_path / "train-a.arrow").unlink()
+    with pytest.raises(ManifestError, match="manifest.json: shard train-a.arrow is listed but missing"):
+        open_split(Manifest.load(path), "train", 4, seed=0)
+    zstd = write_shards(tmp_path / "zstd", [("train-a.arrow", "a", [np.arange(3, dtype=np.uint16)] * 40)],
+                        compression="zstd")
+    with pytest.raises(ManifestError, match="train-a.arrow: record batch 0 is compressed; the loader reads uncompressed"):
+        open_split(Manifest.load(zstd), "train", 4, seed=0)
 
 
 def test_blend_order_is_the_sorted_blend_index_for_random_mixtures():
@@ -217,3 +259,67 @@ def draws_before(count: int, time: Fraction, tie_first: bool) -> int:
     strictly = min(count, max(0, math.ceil((y - 1) / 2)))
     tie = y.denominator == 1 and y.numerator % 2 == 1 and y < 2 * count
     return strictly + int(tie and tie_first)
+
+
+def check_reads(stream: TokenStream, reference: np.ndarray, rng, shard_tokens: int) -> None:
+    """Random slices, short and spanning several record batches and shards, equal the reference."""
+    assert stream.num_tokens == len(reference)
+    assert np.array_equal(stream.read(0, len(reference)), reference)
+    for length in (1, 2, 17, shard_tokens, 3 * shard_tokens):
+        for start in rng.integers(0, len(reference) - min(length, len(reference)) + 1, 30):
+            got = stream.read(int(start), min(length, len(reference)))
+            assert np.array_equal(got, reference[start:start + len(got)]), (start, length)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_token_stream_reads_equal_the_concatenated_shards(tmp_path, dtype):
+    rng = np.random.default_rng(6)
+    top = 60_000 if dtype == "uint16" else 2**31
+    shards = []
+    for i in range(9):  # two sources, shards of 0 to 60 documents, some documents empty
+        docs = [rng.integers(0, top, rng.choice([0, 1, 3, 40])).astype(dtype) for _ in range(rng.integers(0, 60))]
+        shards.append((f"train-{i:02d}.arrow", "ab"[i % 2], docs))
+    manifest = Manifest.load(write_shards(tmp_path, shards, vocab=top, dtype=dtype, chunk=int(rng.integers(1, 9))))
+    for source in "ab":
+        mine = [s for s in manifest.shards if s.source == source]
+        for max_open in (1, 2, OPEN_SHARDS):
+            stream = TokenStream(manifest, mine, max_open=max_open)
+            check_reads(stream, reference_tokens(mine), rng, max(s.tokens for s in mine))
+
+
+def test_token_stream_reads_equal_the_concatenated_prepared_shards(prepared_data):
+    rng = np.random.default_rng(7)
+    manifest = Manifest.load(prepared_data)
+    for split in ("train", "validation"):
+        shards = manifest.split_shards(split)
+        check_reads(TokenStream(manifest, shards, max_open=2), reference_tokens(shards), rng,
+                    max(s.tokens for s in shards))
+
+
+def test_token_stream_memory_and_open_files_do_not_grow_with_record_batches(tmp_path):
+    """20,000 record batches in 250 shards: the layout costs 16 bytes a batch, and no shard
+    stays open after the open, nor more than OPEN_SHARDS while reading."""
+    rng = np.random.default_rng(8)
+    n_shards, per_shard = 250, 80
+    shards = [(f"train-{i:03d}.arrow", "a", list(rng.integers(0, 1000, (per_shard, 3), dtype=np.uint16)))
+              for i in range(n_shards)]
+    manifest = Manifest.load(write_shards(tmp_path, shards, chunk=1))
+    mine = manifest.split_shards("train")
+    gc.collect()
+    fds, rss = open_fds(), rss_bytes()
+    stream = TokenStream(manifest, mine)
+    rss_per_batch = (rss_bytes() - rss) / (n_shards * per_shard)
+    assert open_fds() == fds  # every shard closed after its metadata was read
+    tracemalloc.start()  # on a fifth of the shards: tracing slows the open fivefold
+    try:
+        part = TokenStream(manifest, mine[:50])
+        held_per_batch = tracemalloc.get_traced_memory()[0] / (50 * per_shard)
+    finally:
+        tracemalloc.stop()
+    # About 16 bytes a batch. An array view and its Arrow buffers per batch took ~1.5 kB of RSS
+    # (RSS is noisier than the traced heap, hence its looser bound).
+    assert held_per_batch <= 32 and rss_per_batch <= 200, (held_per_batch, rss_per_batch)
+    assert np.array_equal(stream.read(0, stream.num_tokens), reference_tokens(mine))  # through every shard
+    assert open_fds() - fds == OPEN_SHARDS
+    del stream, part
+    assert open_fds() == fds
