@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from runs import REPO, cpu_env
 
 STAGES = ["prepare", "dedup", "train-tokenizer", "tokenize", "finalize"]
 
 
+@pytest.mark.slow  # ten data_prep commands of a few seconds each: about a minute on 2 cores
 def test_quick_run_measures_every_stage_at_every_size_and_the_loader(tmp_path):
     proc = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--json", str(tmp_path / "scale.json")],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
