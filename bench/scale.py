@@ -37,9 +37,10 @@ of 0.6, 0.3 and 0.1 of 1e12 / 2048 samples, weighted by size): peak memory to bu
 (tracemalloc peak and the process's RSS high-water mark over its RSS before) and the mean
 time to locate 1,000 random positions (source index, sample index within the source). Each
 measurement runs in a fresh interpreter. `current` is what pipeline/data.py had before
-BlendOrder: blend_counts + build_blend_index (one entry per sample) + one permutation per
-source; it is measured at 1/1000 and 1/100 of the scale (arrays of the full size would need
-tens of GB) and extrapolated linearly from 1/100, labelled so. `blendorder` measures
+BlendOrder: blend_counts + build_blend_index (one entry per sample; the script's own copy
+where pipeline.data no longer has it) + one permutation per source; it is measured at 1/1000
+and 1/100 of the scale (arrays of the full size would need tens of GB) and extrapolated
+linearly from 1/100, labelled so. `blendorder` measures
 `pipeline.data.BlendOrder(sizes, weights, seed)` at the full scale.
 """
 from __future__ import annotations
@@ -258,6 +259,19 @@ def reset_hwm() -> None:
         pass
 
 
+def per_sample_index(counts):
+    """The per-sample blend index pipeline/data.py built before BlendOrder (build_blend_index),
+    kept here so that the comparison can still be run once it is gone: each source's draws
+    spread evenly over the epoch, ties broken by source id, one (source, draw) per sample."""
+    import numpy as np
+
+    times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])
+    ids = np.concatenate([np.full(c, s, dtype=np.int32) for s, c in enumerate(counts) if c])
+    draws = np.concatenate([np.arange(c, dtype=np.int64) for c in counts if c])
+    order = np.lexsort((ids, times))
+    return ids[order], draws[order]
+
+
 def probe(method: str, scale: int, seed: int = 1, positions: int = 1000) -> dict:
     """Build the order of the simulated mixture at 1/scale, in this (fresh) process: build time,
     RSS high-water mark over the RSS before, tracemalloc peak of a second build, mean locate time."""
@@ -273,7 +287,7 @@ def probe(method: str, scale: int, seed: int = 1, positions: int = 1000) -> dict
     if method == "current":
         def build():
             counts = data.blend_counts(sizes, weights)
-            ids, draws = data.build_blend_index(counts)
+            ids, draws = getattr(data, "build_blend_index", per_sample_index)(counts)
             perms = [np.random.Generator(np.random.PCG64([seed, s, 0])).permutation(n) for s, n in enumerate(sizes)]
             return counts, ids, draws, perms
 
