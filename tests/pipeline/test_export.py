@@ -309,6 +309,10 @@ def test_export_of_an_earlier_tag_and_a_moved_tokenizer(zero3_run, tmp_path, cap
     assert "data manifest not available" in (tmp_path / "hf" / "README.md").read_text()
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / "hf" / f).read_bytes() == (out / f).read_bytes(), f
+    # An --out that cannot be made (a file in its path, as a read-only mount refuses mkdir): one line.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    expect_error(capsys, run, blocker / "hf", f"{blocker}", "--tokenizer", str(tokenizer))
 
 
 # --- bad input: a clear error and no output directory -------------------------------------
