@@ -1,7 +1,7 @@
 """How data prep and the training loader scale with the corpus (bench only; not a unit test).
 
     python bench/scale.py [--sizes 2,20,200] [--workers 2] [--loader both] [--json scale.json]
-    python bench/scale.py --quick          # tiny sizes, seconds: checks that everything runs
+    python bench/scale.py --quick          # tiny sizes, one `run` command per size: checks that everything runs
 
 Data prep. For each size, a synthetic corpus of jsonl files is resampled from real text: the
 distinct paragraphs of the docs, licences, package metadata and docstrings under this
@@ -17,17 +17,25 @@ Every stage runs as its own `python -m data_prep STAGE --config C --out O --work
 the same config: the `books` filter set (language identification only: cheap, so the figures
 show the pipeline's own costs rather than spaCy's), exact + MinHash dedup with the defaults,
 SentencePiece on a fixed 1 MB sample, 1 MiB shards, so that every bound the config sets is
-reached at all but the smallest size and any growth left comes from the corpus. Per stage:
+reached at all but the smallest size and any growth left comes from the corpus. --stages picks
+the commands (`run`: every stage in one command, what --quick measures, so that the check
+pays two interpreter starts rather than ten). Per stage:
 
   wall s        the command, interpreter start included (about 2 s of imports)
   MB/s/core     corpus input MB / wall s / workers (the corpus size for every stage)
-  peak RSS      each process's own high-water mark (VmHWM in /proc/PID/status), polled every
-                0.1 s over the stage's process tree; reported for the driver and for the worst
-                other process (pool workers: their RSS includes pages shared with the driver
-                after fork). A process that lives less than 0.1 s can escape the polling, so
-                the exact maximum over the whole tree, from wait4's ru_maxrss when the command
-                ends, is reported beside them.
-  growth        peak RSS at the largest size / at the smallest (goal: within 1.2); seconds
+  peak memory   each process's own peaks, polled every 0.1 s over the stage's process tree from
+                /proc/PID/status: anonymous memory (RssAnon: heap, stacks, private copies;
+                the peak over the polls) and the resident set's high-water mark (VmHWM);
+                reported for the driver and for the worst other process (pool workers: their
+                memory includes pages shared with the driver after fork). A process that
+                lives less than 0.1 s can escape the polling, so the exact maximum RSS over the
+                whole tree, from wait4's ru_maxrss when the command ends, is reported beside them.
+                The verdict uses the anonymous peaks: VmHWM also counts every page of a
+                memory-mapped file the process touched (signatures, sorted columns, texts),
+                which is page cache, shared and reclaimable under pressure, not the
+                process's own memory; a job that maps a larger input reads more of it.
+  growth        peak memory at the largest size / at the smallest (goal: within 1.2 for the
+                anonymous peaks, the verdict `flat`; otherwise `grows`); seconds
                 per MB at the largest / at the smallest, which a fixed cost per command pulls
                 below 1; and the slope ratio: seconds per extra MB between the two largest
                 sizes / between the two smallest (goal: about 1, linear)
@@ -62,9 +70,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "dedup", "train-tokenizer", "tokenize", "finalize"]
+QUICK_STAGES = ["run"]  # `python -m data_prep run`: every stage, in order, in one command
 TOKENS, SEQ_LEN, FRACTIONS = 10**12, 2048, (0.6, 0.3, 0.1)
 MB = 1e6
 POLL_S = 0.1
+FLAT = 1.2  # the largest size's anonymous peak over the smallest's, at most, for "flat"
 
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -140,22 +150,27 @@ def prep_config(corpus: Path, quick: bool) -> dict:
 
 # --- per-process peak memory of a command's process tree ------------------------------------
 
-def vm_hwm(pid: int) -> int | None:
-    """The process's own peak resident set size in bytes (None once it is gone)."""
+def proc_status(pid: int, keys=("VmHWM", "RssAnon")) -> dict[str, int] | None:
+    """Fields of /proc/PID/status in bytes (None once the process is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            fields = dict(line.split(":", 1) for line in f if line.startswith(keys))
     except OSError:
-        pass
-    return None
+        return None
+    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+
+
+def vm_hwm(pid: int) -> int | None:
+    """The process's own peak resident set size in bytes (None once it is gone)."""
+    return (proc_status(pid) or {}).get("VmHWM")
 
 
 def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
     """Run cmd; its wall time, the driver's and the worst descendant's peak RSS (polled), and the
-    exact peak over the whole tree (wait4's ru_maxrss covers every reaped descendant)."""
+    exact peak over the whole tree (wait4's ru_maxrss covers every reaped descendant); the same
+    for the anonymous memory (RssAnon), whose peak is the largest value polled."""
     peaks: dict[int, int] = {}
+    anon: dict[int, int] = {}
     t0 = time.perf_counter()
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
@@ -169,9 +184,10 @@ def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
         except psutil.NoSuchProcess:
             pids = [proc.pid]
         for p in pids:
-            hwm = vm_hwm(p)
-            if hwm is not None:
-                peaks[p] = max(peaks.get(p, 0), hwm)
+            st = proc_status(p)
+            if st:
+                peaks[p] = max(peaks.get(p, 0), st["VmHWM"])
+                anon[p] = max(anon.get(p, 0), st["RssAnon"])
         time.sleep(POLL_S)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -179,8 +195,11 @@ def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}; its output: {log}\n"
                          + log.read_text()[-3000:])
     others = [v for p, v in peaks.items() if p != proc.pid]
+    others_anon = [v for p, v in anon.items() if p != proc.pid]
     return {"wall_s": wall, "driver_peak_mb": peaks.get(proc.pid, 0) / MB,
             "worker_peak_mb": max(others) / MB if others else None,
+            "driver_anon_mb": anon.get(proc.pid, 0) / MB,
+            "worker_anon_mb": max(others_anon) / MB if others_anon else None,
             "tree_peak_mb": usage.ru_maxrss * 1024 / MB, "processes": len(peaks)}
 
 
@@ -196,18 +215,21 @@ def bench_prep(args, pool: list[str], work: Path) -> tuple[list[dict], list[dict
         config.write_text(json.dumps(prep_config(corpus, args.quick)))
         print(f"{size:g} MB: {info['documents']:,} documents in {info['files']} file(s), "
               f"{info['planted_exact']:,} exact and {info['planted_near']:,} near copies planted", file=sys.stderr)
-        for stage in STAGES:
+        for stage in args.stages:
             cmd = [sys.executable, "-m", "data_prep", stage, "--config", str(config), "--out", str(out),
                    "--workers", str(args.workers)]
             m = run_measured(cmd, work / f"{stage}-{size:g}MB.log", env)
             m.update(stage=stage, size_mb=size, input_mb=info["bytes"] / MB,
                      mb_s_core=info["bytes"] / MB / m["wall_s"] / args.workers)
             rows.append(m)
-            print(f"  {stage:<16} {m['wall_s']:7.1f} s  driver {m['driver_peak_mb']:7.0f} MB  "
-                  f"worker {m['worker_peak_mb'] or 0:7.0f} MB", file=sys.stderr)
-        records = json.loads((out / "stats.json").read_text())["records"]
-        info.update({k: records.get(k, 0) for k in ("input", "kept", "filtered", "exact_duplicate", "near_duplicate")},
-                    size_mb=size)
+            print(f"  {stage:<16} {m['wall_s']:7.1f} s  anon: driver {m['driver_anon_mb']:5.0f} MB  "
+                  f"worker {m['worker_anon_mb'] or 0:5.0f} MB   RSS: driver {m['driver_peak_mb']:5.0f} MB  "
+                  f"worker {m['worker_peak_mb'] or 0:5.0f} MB", file=sys.stderr)
+        # finalize writes stats.json; without it (--stages short of finalize) the outcomes are not known
+        stats = out / "stats.json"
+        records = json.loads(stats.read_text())["records"] if stats.exists() else None
+        info.update({k: records.get(k, 0) if records else None
+                     for k in ("input", "kept", "filtered", "exact_duplicate", "near_duplicate")}, size_mb=size)
         corpora.append(info)
         if not args.keep:
             shutil.rmtree(corpus)
@@ -215,13 +237,13 @@ def bench_prep(args, pool: list[str], work: Path) -> tuple[list[dict], list[dict
     return rows, corpora
 
 
-def growth(rows: list[dict], sizes: list[float]) -> dict:
-    """Per stage: peak RSS and seconds per MB at the largest size over the smallest, and the
+def growth(rows: list[dict], sizes: list[float], stages: list[str]) -> dict:
+    """Per stage: peak memory and seconds per MB at the largest size over the smallest, and the
     marginal seconds per MB (the slope between consecutive sizes) of the last step over the
     first: s/MB includes a fixed cost (interpreter start, imports, the tokenizer's fixed
     sample) that makes it fall with size even where the work is linear; the slope does not."""
     out = {}
-    for stage in STAGES:
+    for stage in stages:
         by_size = [next(r for r in rows if r["stage"] == stage and r["size_mb"] == z) for z in sizes]
         small, large = by_size[0], by_size[-1]
 
@@ -232,8 +254,11 @@ def growth(rows: list[dict], sizes: list[float]) -> dict:
             return (b["wall_s"] - a["wall_s"]) / (b["input_mb"] - a["input_mb"])
 
         first, last = slope(*by_size[:2]), slope(*by_size[-2:])
+        anon = [ratio("driver_anon_mb"), ratio("worker_anon_mb")]
         out[stage] = {"driver_peak": ratio("driver_peak_mb"), "worker_peak": ratio("worker_peak_mb"),
                       "tree_peak": ratio("tree_peak_mb"),
+                      "driver_anon": anon[0], "worker_anon": anon[1],
+                      "flat": all(r <= FLAT for r in anon if r is not None),
                       "s_per_mb": (large["wall_s"] / large["input_mb"]) / (small["wall_s"] / small["input_mb"]),
                       "marginal_s_per_mb": last / first if len(sizes) > 2 and first > 0 and last > 0 else None}
     return out
@@ -371,25 +396,30 @@ def markdown(args, prep: list[dict], grow: dict, corpora: list[dict], loader: li
     if prep:
         lines += [f"Data prep, {args.workers} workers, `books` filters (language only), "
                   f"{'one file' if args.single_file else f'{args.files} files'} per size; MB/s/core = corpus MB / wall s / workers; "
-                  "peak RSS per process in MB (driver; worst other process; exact maximum over the tree). "
-                  "Growth rows: largest size over smallest; slope = seconds per extra MB between the two largest "
+                  "peak memory per process in MB: anonymous (RssAnon) and RSS (VmHWM, mapped files' page cache "
+                  "included) of the driver and of the worst other process; exact maximum RSS over the tree. "
+                  f"Growth rows: largest size over smallest, `flat` where both anonymous peaks grew at most x{FLAT}; "
+                  "slope = seconds per extra MB between the two largest "
                   "sizes over the same between the two smallest (1 = linear).", "",
-                  "| stage | corpus MB | wall s | MB/s/core | driver peak | worker peak | tree peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for stage in STAGES:
+                  "| stage | corpus MB | wall s | MB/s/core | driver anon | worker anon | driver RSS | worker RSS | tree RSS |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for stage in args.stages:
             for r in (r for r in prep if r["stage"] == stage):
                 lines.append(f"| {stage} | {r['size_mb']:g} | {r['wall_s']:.1f} | {r['mb_s_core']:.3f} | "
+                             f"{fmt(r['driver_anon_mb'])} | {fmt(r['worker_anon_mb'])} | "
                              f"{fmt(r['driver_peak_mb'])} | {fmt(r['worker_peak_mb'])} | {fmt(r['tree_peak_mb'])} |")
             g = grow[stage]
-            lines.append(f"| {stage}: {args.sizes[0]:g} -> {args.sizes[-1]:g} MB | growth | s/MB x{g['s_per_mb']:.2f} | "
-                         f"slope x{fmt(g['marginal_s_per_mb'], '.2f')} | "
+            lines.append(f"| {stage}: {args.sizes[0]:g} -> {args.sizes[-1]:g} MB | {'flat' if g['flat'] else 'grows'} | "
+                         f"s/MB x{g['s_per_mb']:.2f} | slope x{fmt(g['marginal_s_per_mb'], '.2f')} | "
+                         f"x{fmt(g['driver_anon'], '.2f')} | x{fmt(g['worker_anon'], '.2f')} | "
                          f"x{fmt(g['driver_peak'], '.2f')} | x{fmt(g['worker_peak'], '.2f')} | "
                          f"x{fmt(g['tree_peak'], '.2f')} |")
         lines += ["", "| corpus MB | documents | planted exact | planted near | kept | filtered | exact dups | near dups |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in corpora:
             lines.append(f"| {c['bytes'] / MB:.3g} | {c['documents']:,} | {c['planted_exact']:,} | {c['planted_near']:,} | "
-                         f"{c['kept']:,} | {c['filtered']:,} | {c['exact_duplicate']:,} | {c['near_duplicate']:,} |")
+                         f"{fmt(c['kept'], ',')} | {fmt(c['filtered'], ',')} | {fmt(c['exact_duplicate'], ',')} | "
+                         f"{fmt(c['near_duplicate'], ',')} |")
     if loader:
         lines += ["", f"Loader: sample order of a {TOKENS:.0e}-token mixture at sequence {SEQ_LEN}, sources "
                   f"{'/'.join(str(f) for f in FRACTIONS)} of {TOKENS // SEQ_LEN:,} samples.", "",
@@ -420,13 +450,20 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, help="work directory (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the corpora and outputs under --work")
     p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    p.add_argument("--stages", help=f"data_prep commands to measure, in order, comma-separated (default "
+                   f"{','.join(STAGES)}; with --quick {','.join(QUICK_STAGES)}: every stage in one command)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes (0.05,0.5 MB) and loader scales (1/100,000 and 1/10,000): checks that it all runs")
+                   help="tiny sizes (0.05,0.5 MB), the stages as one `run` command per size, and loader scales "
+                        "(1/100,000 and 1/10,000): checks that it all runs")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # METHOD:SCALE, one loader measurement in this process
     args = p.parse_args(argv)
     if args.quick and args.sizes == p.get_default("sizes"):
         args.sizes = "0.05,0.5"
     args.sizes = sorted(float(s) for s in args.sizes.split(","))
+    args.stages = args.stages.split(",") if args.stages else QUICK_STAGES if args.quick else STAGES
+    for stage in args.stages:
+        if stage not in STAGES + QUICK_STAGES:
+            p.error(f"--stages: unknown stage {stage!r} (expected some of {', '.join(STAGES + QUICK_STAGES)})")
     return args
 
 
@@ -444,14 +481,14 @@ def main(argv=None) -> None:
             pool = paragraph_pool(2_000_000 if args.quick else 20_000_000)
             print(f"paragraph pool: {len(pool):,} distinct paragraphs, {sum(map(len, pool)) / MB:.1f} MB", file=sys.stderr)
             prep, corpora = bench_prep(args, pool, work)
-            grow = growth(prep, args.sizes)
+            grow = growth(prep, args.sizes, args.stages)
         loader, notes = bench_loader(args) if args.loader != "none" else ([], [])
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(markdown(args, prep, grow, corpora, loader, notes))
     if args.json:
-        result = {"sizes_mb": args.sizes, "workers": args.workers, "files": 1 if args.single_file else args.files,
+        result = {"sizes_mb": args.sizes, "stages": args.stages, "workers": args.workers, "files": 1 if args.single_file else args.files,
                   "config": prep_config(Path("CORPUS"), args.quick), "prep": prep, "growth": grow,
                   "corpora": corpora, "loader": loader, "notes": notes}
         args.json.write_text(json.dumps(result, indent=1))

@@ -19,6 +19,7 @@ P = np.uint64(0x100000001B3)  # odd (FNV-64 prime), so invertible mod 2^64
 P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 Q = np.uint64(0x9E3779B97F4A7C15)  # base for combining word hashes into n-gram hashes
 EMPTY = np.uint32(0xFFFFFFFF)
+SHINGLE_CHARS = 1 << 18  # characters shingled at once (~11 MB of heap): see MinHasher.__call__
 
 _SPACE = np.zeros(256, dtype=bool)
 _SPACE[[9, 10, 11, 12, 13, 32]] = True
@@ -131,7 +132,20 @@ class MinHasher:
         return out
 
     def __call__(self, texts: list[str], ngram: int) -> np.ndarray:
-        return self.signatures(*shingle_hashes(texts, ngram))
+        # Shingled SHINGLE_CHARS characters at a time: shingling holds ~42 bytes per character
+        # (the byte buffer, its masks, prefix sums, word and n-gram hashes), so a whole prepare
+        # batch at once would be ~110 MB at BATCH_CHARS' typical fill; a document's signature
+        # depends on its own shingles only, so the result is the same.
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
+        i = 0
+        while i < len(texts):
+            j, chars = i + 1, len(texts[i])
+            while j < len(texts) and chars + len(texts[j]) <= SHINGLE_CHARS:
+                chars += len(texts[j])
+                j += 1
+            out[i:j] = self.signatures(*shingle_hashes(texts[i:j], ngram))
+            i = j
+        return out
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:

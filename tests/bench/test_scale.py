@@ -1,5 +1,6 @@
-"""bench/scale.py --quick end to end: every data-prep stage at every size runs as its own command
-and gets a wall time, a throughput and per-process peak memory; the loader's order is measured."""
+"""bench/scale.py --quick end to end: the whole data-prep pipeline at every size runs as one
+measured command (`python -m data_prep run`) and gets a wall time, a throughput and per-process
+peak memory, anonymous and resident; the loader's order is measured."""
 
 from __future__ import annotations
 
@@ -11,26 +12,28 @@ import pytest
 
 from runs import REPO, cpu_env
 
-STAGES = ["prepare", "dedup", "train-tokenizer", "tokenize", "finalize"]
 
-
-@pytest.mark.slow  # ten data_prep commands of a few seconds each: about a minute on 2 cores
-def test_quick_run_measures_every_stage_at_every_size_and_the_loader(tmp_path):
+@pytest.mark.slow  # two data_prep commands of ten seconds each and four loader probes
+def test_quick_run_measures_the_pipeline_at_every_size_and_the_loader(tmp_path):
     proc = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--json", str(tmp_path / "scale.json")],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "scale.json").read_text())
     sizes = doc["sizes_mb"]
     assert sizes == [0.05, 0.5]
-    assert sorted((r["stage"], r["size_mb"]) for r in doc["prep"]) == sorted((s, z) for s in STAGES for z in sizes)
+    assert doc["stages"] == ["run"]
+    assert sorted((r["stage"], r["size_mb"]) for r in doc["prep"]) == [("run", z) for z in sizes]
     for r in doc["prep"]:
         assert r["wall_s"] > 0 and r["mb_s_core"] > 0 and r["driver_peak_mb"] > 0, r
         # the exact maximum over the process tree is at least what polling saw of any process in it
-        assert r["tree_peak_mb"] >= max(r["driver_peak_mb"], r["worker_peak_mb"] or 0) * 0.99, r
-    # prepare's tasks (8 files) run in a pool: its workers were seen
-    assert all(r["worker_peak_mb"] for r in doc["prep"] if r["stage"] == "prepare")
-    assert set(doc["growth"]) == set(STAGES)
-    assert all(g["s_per_mb"] > 0 and g["driver_peak"] > 0 for g in doc["growth"].values())
+        assert r["tree_peak_mb"] >= max(r["driver_peak_mb"], r["worker_peak_mb"]) * 0.99, r
+        # anonymous memory is part of the resident set: never above its high-water mark
+        assert 0 < r["driver_anon_mb"] <= r["driver_peak_mb"], r
+        # prepare's tasks (8 files) run in a pool: its workers were seen
+        assert 0 < r["worker_anon_mb"] <= r["worker_peak_mb"], r
+    g = doc["growth"]["run"]
+    assert g["s_per_mb"] > 0 and g["driver_peak"] > 0 and g["driver_anon"] > 0 and g["worker_anon"] > 0
+    assert g["flat"] == (max(g["driver_anon"], g["worker_anon"]) <= 1.2)
     # the planted copies were found, and every document is accounted for
     big = doc["corpora"][-1]
     assert big["planted_exact"] > 0 and big["exact_duplicate"] > 0 and big["near_duplicate"] > 0
@@ -43,8 +46,7 @@ def test_quick_run_measures_every_stage_at_every_size_and_the_loader(tmp_path):
     assert all(r["build_s"] > 0 and r["tracemalloc_peak_mb"] > 0 and r["locate_us"] > 0 for r in doc["loader"])
 
     table = proc.stdout
-    for stage in STAGES:
-        for size in ("0.05", "0.5"):
-            assert any(line.startswith(f"| {stage} | {size} |") for line in table.splitlines()), (stage, size, table)
-        assert f"| {stage}: 0.05 -> 0.5 MB | growth |" in table
+    for size in ("0.05", "0.5"):
+        assert any(line.startswith(f"| run | {size} |") for line in table.splitlines()), (size, table)
+    assert f"| run: 0.05 -> 0.5 MB | {'flat' if g['flat'] else 'grows'} |" in table
     assert "| current index | 1T, extrapolated |" in table

@@ -41,3 +41,25 @@ def test_shingles_ignore_case_punctuation_and_batching():
     assert (sig[1] == EMPTY).all() and (sig[0] != EMPTY).all()
     keys = band_keys(sig, 4, 4)
     assert keys.shape == (4, 4) and len(set(keys[0].tolist())) == 4  # the band index is mixed in
+
+
+def test_a_batch_is_shingled_in_bounded_chunks_with_the_same_signatures():
+    import tracemalloc
+
+    from data_prep import minhash
+
+    rng = random.Random(1)
+    vocab = [f"word{i}" for i in range(3000)]
+    # 1.5 M characters: a prepare batch's order of size; at once, shingling would hold ~60 MB
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(50, 300))) for _ in range(1500)]
+    mh = MinHasher(112)
+    mh(texts[:2], 3)  # the kernel's first call (numba's cache) is not the batch's memory
+    tracemalloc.start()
+    sig = mh(texts, 3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 25e6 + sig.nbytes, peak  # ~42 bytes x SHINGLE_CHARS, plus the result
+    # a document's signature depends on its own shingles only: chunks change nothing
+    assert np.array_equal(sig, mh.signatures(*shingle_hashes(texts, 3)))
+    assert np.array_equal(sig[7], mh([texts[7]], 3)[0])
+    assert sum(map(len, texts)) > 4 * minhash.SHINGLE_CHARS  # several chunks were made
