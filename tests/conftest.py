@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, cpu_env
+from runs import REPO, cpu_env, pipe_args, run_deepspeed, zero3_args, zero_args
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +28,27 @@ def prepared_data(tmp_path_factory) -> Path:
     splits = json.loads(manifest.read_text())["splits"]
     assert splits["train"]["tokens"] > 100_000 and splits["validation"]["tokens"] > 2_000, splits
     return manifest
+
+
+# The reference runs of both engines (8 steps, checkpoints at 4 and 8), one each per session:
+# test_export.py exports them, test_train.py resumes and compares against them.
+
+@pytest.fixture(scope="session")
+def zero3_run(prepared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    run_deepspeed(zero3_args(prepared_data, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero2_run(prepared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    run_deepspeed(zero_args(2, prepared_data, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipe_run(prepared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    run_deepspeed(pipe_args(prepared_data, out))
+    return out

@@ -58,3 +58,33 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
+
+
+# --- the suite's reference runs (shared by test_train.py and test_export.py through conftest.py)
+
+STEPS = 8
+
+
+def common(manifest: Path, out: Path, *extra: str) -> list[str]:
+    sets = {"data.manifest": str(manifest), "train.steps": STEPS, "train.warmup_steps": 2, "train.decay_steps": STEPS,
+            "train.log_every": 1, "train.checkpoint_every": 4, "train.eval_every": 4, "train.eval_batches": 1}
+    args = ["pipeline.train", "--out", str(out)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + list(extra)
+
+
+def zero3_args(manifest, out, *extra):
+    return common(manifest, out, "--profile", "ds_configs/tiny_cpu.json", "--set", "train.micro_batch_size=4",
+                  "--set", "train.grad_accum_steps=2", *extra)
+
+
+def pipe_args(manifest, out, *extra):
+    return common(manifest, out, "--profile", "ds_configs/tiny_cpu_pipeline.json", "--set", "train.micro_batch_size=8",
+                  "--set", "train.grad_accum_steps=2", *extra)
+
+
+def zero_args(stage, manifest, out, *extra):
+    """The ZeRO-3 run's arguments at another ZeRO stage of the data-parallel engine."""
+    return zero3_args(manifest, out, "--set", "topology.engine=zero", "--set", f"deepspeed.zero_optimization.stage={stage}",
+                      *extra)

@@ -1,7 +1,8 @@
 """Export of real 2-process CPU checkpoints of both engines to Hugging Face directories.
 
-One short DeepSpeed run per engine (and for the data-parallel engine per checkpoint layout:
-ZeRO-3, ZeRO-2) is shared by the module (about 20 s each on 2 cores).
+The checkpoints are those of the suite's reference runs (tests/conftest.py: ZeRO-3, ZeRO-2 and
+the 2-stage pipeline, 8 steps, saved at steps 4 and 8), which test_train.py resumes and
+compares against: one DeepSpeed run per engine and layout for the whole session.
 """
 
 import glob
@@ -20,7 +21,7 @@ import torch
 from pipeline.checkpoint_reader import CheckpointError, Zero3Reader, load_file, open_checkpoint
 from pipeline.export import export, main, model_config_from_profile, read_run_profile
 from pipeline.model import Transformer
-from runs import run_deepspeed, train_losses
+from runs import STEPS, run_deepspeed, train_losses, zero3_args
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "ds_configs" / "tiny_cpu_pipeline.json"  # 2 stages, ZeRO stage 1
@@ -49,27 +50,23 @@ def train(out: Path, manifest: Path, profile: Path, *overrides: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def zero3_run(manifest, tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("zero3") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json")
-
-
 def test_fused_projections_train_like_the_unfused_model_and_export(zero3_run, manifest, tmp_path, capsys):
     """A real 2-process ZeRO-3 run with wqkv and w13: zero.Init draws the same initial weights,
-    training follows the unfused run of the same seed, and the export splits the fused rows into a
-    LlamaForCausalLM that passes --verify."""
-    run = train(tmp_path / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json", "--set", "model.fused_projections=true")
+    training follows the unfused run of the same seed (the suite's reference run, to its first
+    checkpoint), and the export splits the fused rows into a LlamaForCausalLM that passes --verify."""
+    run = tmp_path / "run"
+    run_deepspeed(zero3_args(manifest, run, "--set", "model.fused_projections=true", "--set", "train.steps=4"))
     assert json.loads((run / "profile.json").read_text())["model"]["fused_projections"] is True
     fused, plain = train_losses(run), train_losses(zero3_run)
-    assert fused.keys() == plain.keys() and 1 in fused
-    for step in plain:
+    assert sorted(fused) == [1, 2, 3, 4]
+    for step in fused:
         # Same weights, data and function; only the weight-gradient GEMMs may round differently
         # (one larger GEMM blocks the sum over tokens differently; seen: equal losses, gradient
         # norms 1e-10 apart). 1e-6 relative is a few fp32 ulps at a loss of 8.
         assert fused[step] == pytest.approx(plain[step], rel=1e-6), step
     assert main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--verify"]) == 0
     assert "verified" in capsys.readouterr().out
-    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "hf_plain")]) == 0
+    assert main(["--checkpoint", str(zero3_run), "--out", str(tmp_path / "hf_plain"), "--tag", "global_step4"]) == 0
     a, b = hf_tensors_of(tmp_path / "hf"), hf_tensors_of(tmp_path / "hf_plain")
     assert a.keys() == b.keys() and "model.layers.1.self_attn.v_proj.weight" in a
     for name in a:
@@ -84,20 +81,9 @@ def hf_tensors_of(hf_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.fixture(scope="module")
-def zero2_run(manifest, tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("zero2") / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json",
-                 "--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2")
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(manifest, tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("pipe") / "run", manifest, PIPELINE)
-
-
 @pytest.fixture(params=["zero3", "zero2", "pipeline"])
 def run(request) -> Path:
-    return request.getfixturevalue(f"{request.param}_run")
+    return request.getfixturevalue({"pipeline": "pipe_run"}.get(request.param, f"{request.param}_run"))
 
 
 def real_tokens(manifest: Path, n: int = 2, length: int = 48) -> torch.Tensor:
@@ -126,9 +112,9 @@ def our_model(run: Path) -> Transformer:
 def test_zero_readers_match_deepspeed_zero_to_fp32(stage, zero3_run, zero2_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = (zero3_run if stage == 3 else zero2_run) / "checkpoints" / "global_step3"
+    tag_dir = (zero3_run if stage == 3 else zero2_run) / "checkpoints" / f"global_step{STEPS}"
     ours = read_checkpoint(tag_dir)
-    ref = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag="global_step3")
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=f"global_step{STEPS}")
     assert ours.keys() == ref.keys()
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
@@ -161,10 +147,10 @@ def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
     spec = importlib.util.spec_from_file_location("export_memory", REPO / "bench" / "export_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    real = zero3_run / "checkpoints" / "global_step3"
+    real = zero3_run / "checkpoints" / f"global_step{STEPS}"
     profile = read_run_profile(real)
     cfg = model_config_from_profile(profile)
-    full = bench.write_zero3_checkpoint(tmp_path, cfg, world=2, step=3, profile=profile)
+    full = bench.write_zero3_checkpoint(tmp_path, cfg, world=2, step=STEPS, profile=profile)
 
     trainer_keys = {"ds_config", "step", "consumed_samples", "run_id"}  # the config and the trainer's client state
 
@@ -177,10 +163,10 @@ def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
 
     for name in ("zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         a = torch.load(real / name, weights_only=False)
-        b = torch.load(tmp_path / "global_step3" / name, weights_only=False)
+        b = torch.load(tmp_path / f"global_step{STEPS}" / name, weights_only=False)
         assert structure(a) == structure(b), name
-    ref = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="global_step3")
-    ours = dict(Zero3Reader(tmp_path / "global_step3", cfg).tensors())
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag=f"global_step{STEPS}")
+    ours = dict(Zero3Reader(tmp_path / f"global_step{STEPS}", cfg).tensors())
     for k in full:
         assert torch.equal(ref[k], full[k]) and torch.equal(ours[k], full[k]), k
 
@@ -213,8 +199,8 @@ def test_export_loads_matches_and_generates(run, manifest, tmp_path):
     assert generated.shape[1] > len(tok("Permission is hereby granted")["input_ids"])
 
     card = (out / "README.md").read_text()
-    tokens_seen = 3 * json.loads((run / "profile.json").read_text())["train"]["global_batch_tokens"]
-    for fact in ("| steps | 3 |", f"| tokens seen in this run | {tokens_seen:,} |", "shards/manifest.json", "largest logit"):
+    tokens_seen = STEPS * json.loads((run / "profile.json").read_text())["train"]["global_batch_tokens"]
+    for fact in (f"| steps | {STEPS} |", f"| tokens seen in this run | {tokens_seen:,} |", "shards/manifest.json", "largest logit"):
         assert fact in card
     assert re.search(r"\| final training loss \| \d+\.\d{4} \|", card)
 
@@ -292,11 +278,11 @@ def test_verify_fails_on_a_wrong_weight_mapping(zero3_run, tmp_path, monkeypatch
 
 
 def test_export_of_an_earlier_tag_and_a_moved_tokenizer(zero3_run, tmp_path, capsys):
-    out = export(zero3_run, tmp_path / "step2", tag="global_step2")
-    assert "| steps | 2 |" in (out / "README.md").read_text()
+    out = export(zero3_run, tmp_path / "step4", tag="global_step4")
+    assert "| steps | 4 |" in (out / "README.md").read_text()
     # The checkpoint on another machine: the data-prep directory it names is gone.
     run = copy_run(zero3_run, tmp_path / "run")
-    for tag in ("global_step2", "global_step3"):
+    for tag in ("global_step4", f"global_step{STEPS}"):
         prof = z3(run, tag) / "profile.json"
         p = json.loads(prof.read_text())
         p["data"]["manifest"] = str(tmp_path / "gone" / "shards" / "manifest.json")
@@ -335,7 +321,7 @@ def expect_error(capsys, ckpt: Path, out: Path, message: str, *args: str):
     assert_nothing_left(out)
 
 
-def z3(run: Path, tag: str = "global_step3") -> Path:
+def z3(run: Path, tag: str = f"global_step{STEPS}") -> Path:
     return run / "checkpoints" / tag
 
 
@@ -360,7 +346,7 @@ def test_bad_zero3_checkpoints(zero3_run, tmp_path, capsys):
 
     model1 = z3(run) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
     saved = model1.read_bytes()
-    shutil.copy(z3(run, "global_step2") / model1.name, model1)  # a file from another step
+    shutil.copy(z3(run, "global_step4") / model1.name, model1)  # a file from another step
     expect_error(capsys, run, out, "global_steps differs")
     model1.write_bytes(saved)
 
@@ -370,7 +356,7 @@ def test_bad_zero3_checkpoints(zero3_run, tmp_path, capsys):
         meta.write_text(json.dumps({**json.loads(saved), "data_parallel_size": 4}))
         expect_error(capsys, run, out, "data_parallel_size 4 but the ZeRO-3 files were saved by 2 ranks")
         meta.write_text(json.dumps({**json.loads(saved), "step": 2}))
-        expect_error(capsys, run, out, "step 2 but the DeepSpeed files were saved at step 3")
+        expect_error(capsys, run, out, f"step 2 but the DeepSpeed files were saved at step {STEPS}")
         meta.write_text(saved)
 
     for f in sorted(z3(run).glob("*_model_states.pt")):  # a parameter our model does not have
@@ -390,7 +376,7 @@ def test_bad_zero2_checkpoints(zero2_run, tmp_path, capsys):
     saved = optim1.read_bytes()
     optim1.unlink()
     expect_error(capsys, run, out, "optimizer file(s) of rank(s) [1] missing")
-    state = torch.load(z3(run, "global_step2") / optim1.name, weights_only=False)
+    state = torch.load(z3(run, "global_step4") / optim1.name, weights_only=False)
     state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] = torch.zeros(5)
     torch.save(state, optim1)
     expect_error(capsys, run, out, "optimizer group 0 holds")
@@ -400,8 +386,8 @@ def test_bad_zero2_checkpoints(zero2_run, tmp_path, capsys):
     saved = model.read_bytes()
     model.unlink()
     expect_error(capsys, run, out, "no ZeRO-1/2 model-state file (mp_rank_00_model_states.pt)")
-    shutil.copy(z3(run, "global_step2") / model.name, model)  # a file from another step
-    expect_error(capsys, run, out, "saved at step 2 but lies in global_step3")
+    shutil.copy(z3(run, "global_step4") / model.name, model)  # a file from another step
+    expect_error(capsys, run, out, f"saved at step 4 but lies in global_step{STEPS}")
     model.write_bytes(saved)
     meta = z3(run) / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "data_parallel_size": 4}))
@@ -425,8 +411,8 @@ def test_unrestricted_pickle_is_refused(zero3_run, tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_bad_pipeline_checkpoints(pipeline_run, tmp_path, capsys):
-    run = copy_run(pipeline_run, tmp_path / "run")
+def test_bad_pipeline_checkpoints(pipe_run, tmp_path, capsys):
+    run = copy_run(pipe_run, tmp_path / "run")
     out = tmp_path / "hf"
     tag = z3(run)
     n = model_config_from_profile(read_run_profile(tag)).n_layers
@@ -447,8 +433,8 @@ def test_bad_pipeline_checkpoints(pipeline_run, tmp_path, capsys):
     expect_error(capsys, run, out, "unknown parameter name(s) ['layers.0.attention.wq.bias']")
 
 
-def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipeline_run):
-    tag = z3(pipeline_run)
+def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipe_run):
+    tag = z3(pipe_run)
     n = model_config_from_profile(read_run_profile(tag)).n_layers
     have = sorted(p.name for p in tag.glob("layer_*"))
     assert have == [f"layer_{i:02d}-model_states.pt" for i in range(n + 2)]

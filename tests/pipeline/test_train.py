@@ -19,62 +19,14 @@ import psutil
 import pytest
 import torch
 
-from runs import DEEPSPEED, REPO, cpu_env, free_port, read_metrics, run_deepspeed, train_losses
+from runs import (DEEPSPEED, REPO, STEPS, common, cpu_env, free_port, pipe_args, read_metrics, run_deepspeed,
+                  train_losses, zero3_args, zero_args)
 from pipeline.config import load_profile
 from pipeline.data import Manifest, micro_batch_positions, open_split
 from pipeline.model import Transformer, causal_lm_loss
 from pipeline.optim import build_optimizer
 
-STEPS = 8
-
-
-def common(manifest: Path, out: Path, *extra: str) -> list[str]:
-    sets = {"data.manifest": str(manifest), "train.steps": STEPS, "train.warmup_steps": 2, "train.decay_steps": STEPS,
-            "train.log_every": 1, "train.checkpoint_every": 4, "train.eval_every": 4, "train.eval_batches": 1}
-    args = ["pipeline.train", "--out", str(out)]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    return args + list(extra)
-
-
-def zero3_args(manifest, out, *extra):
-    return common(manifest, out, "--profile", "ds_configs/tiny_cpu.json", "--set", "train.micro_batch_size=4",
-                  "--set", "train.grad_accum_steps=2", *extra)
-
-
-def pipe_args(manifest, out, *extra):
-    return common(manifest, out, "--profile", "ds_configs/tiny_cpu_pipeline.json", "--set", "train.micro_batch_size=8",
-                  "--set", "train.grad_accum_steps=2", *extra)
-
-
 ENGINE_ARGS = {"zero3": zero3_args, "pipeline": pipe_args}
-
-
-def zero_args(stage, manifest, out, *extra):
-    """The ZeRO-3 run's arguments at another ZeRO stage of the data-parallel engine."""
-    return zero3_args(manifest, out, "--set", "topology.engine=zero", "--set", f"deepspeed.zero_optimization.stage={stage}",
-                      *extra)
-
-
-@pytest.fixture(scope="module")
-def zero3_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero3") / "run"
-    run_deepspeed(zero3_args(prepared_data, out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def zero2_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero2") / "run"
-    run_deepspeed(zero_args(2, prepared_data, out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipe") / "run"
-    run_deepspeed(pipe_args(prepared_data, out))
-    return out
 
 
 def test_zero3_trains_and_checkpoints(zero3_run):
