@@ -33,22 +33,22 @@ def prepared_data(tmp_path_factory) -> Path:
 # The reference runs of both engines (8 steps, checkpoints at 4 and 8), one each per session:
 # test_export.py exports them, test_train.py resumes and compares against them.
 
+def _reference_run(tmp_path_factory, name: str, args) -> Path:
+    out = tmp_path_factory.mktemp(name) / "run"
+    run_deepspeed(args(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def zero3_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero3") / "run"
-    run_deepspeed(zero3_args(prepared_data, out))
-    return out
+    return _reference_run(tmp_path_factory, "zero3", lambda out: zero3_args(prepared_data, out))
 
 
 @pytest.fixture(scope="session")
 def zero2_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero2") / "run"
-    run_deepspeed(zero_args(2, prepared_data, out))
-    return out
+    return _reference_run(tmp_path_factory, "zero2", lambda out: zero_args(2, prepared_data, out))
 
 
 @pytest.fixture(scope="session")
 def pipe_run(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipe") / "run"
-    run_deepspeed(pipe_args(prepared_data, out))
-    return out
+    return _reference_run(tmp_path_factory, "pipe", lambda out: pipe_args(prepared_data, out))
