@@ -57,7 +57,7 @@ $(VENV)/.ds-ops: $(VENV)/.installed
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
 test: install tf4-env bench-install
-	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests || [ $$? -eq 5 ]
+	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed
 

@@ -70,9 +70,12 @@ def test_fused_projections_train_like_the_unfused_model_and_export(zero3_run, ma
     a, b = hf_tensors_of(tmp_path / "hf"), hf_tensors_of(tmp_path / "hf_plain")
     assert a.keys() == b.keys() and "model.layers.1.self_attn.v_proj.weight" in a
     for name in a:
-        # Seen: 3e-7 after 3 steps (lr ≤ 8e-4). A weight drawn differently or a row block put in
-        # the wrong place differs by about the init std, 0.02.
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+        # Seen after 4 steps (lr up to 3e-3): mean differences below 1e-8, the largest 1e-5 (a single
+        # embedding entry: Adam moves a weight by about lr whatever its gradient's size, so where a
+        # gradient is near 0 its rounding shows). A weight drawn differently or a row block put in
+        # the wrong place differs everywhere by about the init std, 0.02.
+        diff = (a[name] - b[name]).abs()
+        assert diff.mean() < 1e-7 and diff.max() < 1e-4, (name, diff.mean(), diff.max())
 
 
 def hf_tensors_of(hf_dir: Path) -> dict[str, torch.Tensor]:
