@@ -19,6 +19,9 @@ HAVE     ?=
 # transformers 4.x, tokenizers only (no torch): the test that exported tokenizers load in 4.x runs in it.
 TF4_VENV ?= .venv-tf4
 BENCH_VENV ?= .venv-bench
+# make test: pytest-xdist workers. Each runs 2-process DeepSpeed jobs and builds its own copy of the
+# suite's session fixtures (prepared data, the reference runs), so more than the cores is slower.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env
 
@@ -57,7 +60,7 @@ $(VENV)/.ds-ops: $(VENV)/.installed
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
 test: install tf4-env bench-install
-	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 tests || [ $$? -eq 5 ]
+	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25 tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed
 

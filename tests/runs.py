@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,10 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a launcher or a Ray head to bind seconds later. Chosen at random below
+    the kernel's ephemeral range: no socket the kernel numbers itself (gloo's, Ray's, those of a
+    test in another pytest-xdist worker) can take it in the meantime, and parallel workers,
+    each with its own random state, rarely pick the same one."""
+    high = _ephemeral_ports_start()
+    for _ in range(200):
+        port = random.randrange(max(1024, high - 12000), high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found below {high}")
 
 
 def cpu_env(**extra: str) -> dict:

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runs import free_port
+
 RAY = Path(sys.executable).with_name("ray")  # the `ray` CLI of this environment
 
 
@@ -27,12 +29,6 @@ class Cluster:
     address: str
     env: dict  # what a driver needs: the cluster's token
     node_ids: list[str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:
@@ -81,10 +77,10 @@ def two_node_cluster():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     # Short paths: Ray's unix sockets live under the temp dir (108-byte limit on their names).
     dirs = [Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")) for _ in range(2)]
-    port = _free_port()
+    port = free_port()
     # Every port a head opens by default at a fixed number is given a free one, so that this
     # cluster starts beside any other on the machine.
-    head = ["--head", f"--port={port}", f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+    head = ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
             "--include-dashboard=false"]
     second = [f"--address=127.0.0.1:{port}"]
     procs: list[subprocess.Popen] = []

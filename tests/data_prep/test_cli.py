@@ -1,7 +1,5 @@
 """Misconfiguration is answered by one line naming the field, file or flag (exit 2), never a
 traceback. Runs the CLI's main() in this process: the same code path as `python -m data_prep`."""
-import json
-
 import pytest
 
 from prep_corpus import real_documents, tiny_config, write_config, write_jsonl

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from runs import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "pretrain_7b.sh"
 SBATCH = REPO / "launch" / "slurm" / "pretrain_7b.sbatch"
@@ -81,7 +83,7 @@ def test_python_form_reads_the_same_defaults(tmp_path):
 @pytest.mark.slow
 def test_bash_form_trains_two_processes(tmp_path, prepared_data):
     out = tmp_path / "run"
-    r = subprocess.run(["bash", str(SCRIPT), "--profile", TINY, "--gpus-per-node", "2", "--master-port", "29641",
+    r = subprocess.run(["bash", str(SCRIPT), "--profile", TINY, "--gpus-per-node", "2", "--master-port", str(free_port()),
                         "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -94,7 +96,7 @@ def test_bash_form_trains_two_processes(tmp_path, prepared_data):
 @pytest.mark.slow
 def test_deepspeed_form_trains_two_processes(tmp_path, prepared_data):
     out = tmp_path / "run"
-    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29642", str(SCRIPT), "--profile", TINY,
+    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPT), "--profile", TINY,
                         "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -132,7 +134,7 @@ def _slurm_env(tmp_path: Path, scontrol: str, srun: str, **extra) -> dict:
 @pytest.mark.slow
 def test_two_nodes_simulated_through_slurm_script(tmp_path, prepared_data):
     out = tmp_path / "run"
-    env = _slurm_env(tmp_path, FAKE_SCONTROL, FAKE_SRUN, SLURM_JOB_NODELIST="node[0-1]", MASTER_PORT="29643",
+    env = _slurm_env(tmp_path, FAKE_SCONTROL, FAKE_SRUN, SLURM_JOB_NODELIST="node[0-1]", MASTER_PORT=str(free_port()),
                      FAKE_SRUN_LOGS=str(tmp_path))
     r = subprocess.run(["bash", str(SBATCH), "--profile", TINY, "--out", str(out), *_small(prepared_data)],
                        capture_output=True, text=True, env=env, timeout=600)

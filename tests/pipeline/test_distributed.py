@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import os
 import traceback
-from pathlib import Path
 
 import pytest
 import torch

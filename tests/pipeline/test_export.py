@@ -455,11 +455,13 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     comes from what DeepSpeed's initialize broadcast to it. The base is Llama-3-like (theta 5e5,
     eps 1e-6, context 2048, llama3 rope scaling; tied embeddings at ZeRO-2 and pipeline): the run
     carries those settings (the profile leaves them to its preset) and the export writes them
-    back, ties the embeddings again (still equal) and names the base model and its licence."""
+    back, ties the embeddings again (still equal) and names the base model and its licence. The
+    run's first loss is the published model's loss on the run's first batch, as transformers
+    computes it: the engine trains the imported weights, in the run's data order."""
     import transformers
     from safetensors.torch import load_file
 
-    from pipeline.data import Manifest
+    from pipeline.data import Manifest, open_split
     from pipeline.import_hf import import_hf
 
     profile = PIPELINE if engine == "pipeline" else REPO / "ds_configs" / "tiny_cpu.json"
@@ -472,7 +474,8 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
                                       rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope,
                                       tie_word_embeddings=engine != "zero3")
     torch.manual_seed(1)
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "published")
+    base = transformers.LlamaForCausalLM(hf_cfg)
+    base.save_pretrained(tmp_path / "published")
     for f in tok.directory.iterdir():  # the data was tokenized with the base model's tokenizer
         shutil.copy(f, tmp_path / "published" / f.name)
     import_hf(tmp_path / "published", tmp_path / "init", base_model="org/base-3", license="llama3.2")
@@ -480,6 +483,12 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
                 "--set", "model.max_seq_len=null", "--init-from", str(tmp_path / "init"))
     saved = json.loads((run / "checkpoints" / "global_step1" / "profile.json").read_text())
     assert saved["model"]["rope_theta"] == 500000.0 and saved["base_model"]["base_model"] == "org/base-3"
+    data, batch = saved["data"], saved["train"]["global_batch_size"]
+    x, y = open_split(Manifest.load(manifest), "train", data["seq_len"], data["seed"]).batch(range(batch))
+    with torch.no_grad():
+        logits = base(torch.from_numpy(x.astype("int64"))).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y.astype("int64")).flatten())
+    assert train_losses(run)[1] == pytest.approx(want.item(), abs=2e-4)
     out = export(run, tmp_path / "exported")
     published = load_file(tmp_path / "published" / "model.safetensors")
     exported = {}
