@@ -38,7 +38,10 @@ pays two interpreter starts rather than ten). Per stage:
                 anonymous peaks, the verdict `flat`; otherwise `grows`); seconds
                 per MB at the largest / at the smallest, which a fixed cost per command pulls
                 below 1; and the slope ratio: seconds per extra MB between the two largest
-                sizes / between the two smallest (goal: about 1, linear)
+                sizes / between the two smallest (goal: about 1, linear); with three sizes or
+                more, the same peaks at the largest size / at the one before it (last step):
+                a stage whose batches fill up between the small sizes rises from the smallest
+                size and stays level over the last step
 
 Loader. The sample order of a simulated 1T-token, 3-source mixture at sequence 2048 (sources
 of 0.6, 0.3 and 0.1 of 1e12 / 2048 samples, weighted by size): peak memory to build it
@@ -237,30 +240,37 @@ def bench_prep(args, pool: list[str], work: Path) -> tuple[list[dict], list[dict
     return rows, corpora
 
 
+def peak_growth(small: dict, large: dict) -> dict:
+    """Peak memory and seconds per MB of one stage at a larger size over a smaller one; `flat`
+    where both anonymous peaks grew at most FLAT."""
+    def ratio(key):
+        return large[key] / small[key] if small[key] and large[key] else None
+
+    anon = [ratio("driver_anon_mb"), ratio("worker_anon_mb")]
+    return {"driver_peak": ratio("driver_peak_mb"), "worker_peak": ratio("worker_peak_mb"),
+            "tree_peak": ratio("tree_peak_mb"), "driver_anon": anon[0], "worker_anon": anon[1],
+            "flat": all(r <= FLAT for r in anon if r is not None),
+            "s_per_mb": (large["wall_s"] / large["input_mb"]) / (small["wall_s"] / small["input_mb"])}
+
+
 def growth(rows: list[dict], sizes: list[float], stages: list[str]) -> dict:
-    """Per stage: peak memory and seconds per MB at the largest size over the smallest, and the
-    marginal seconds per MB (the slope between consecutive sizes) of the last step over the
-    first: s/MB includes a fixed cost (interpreter start, imports, the tokenizer's fixed
-    sample) that makes it fall with size even where the work is linear; the slope does not."""
+    """Per stage: peak_growth from the smallest size to the largest, and the marginal seconds
+    per MB (the slope between consecutive sizes) of the last step over the first: s/MB includes
+    a fixed cost (interpreter start, imports, the tokenizer's fixed sample) that makes it fall
+    with size even where the work is linear; the slope does not. With three sizes or more, also
+    `last_step`: peak_growth over the last 10x alone, which tells a peak still rising with the
+    corpus from one that rose only until the stage's batches were full."""
     out = {}
     for stage in stages:
         by_size = [next(r for r in rows if r["stage"] == stage and r["size_mb"] == z) for z in sizes]
-        small, large = by_size[0], by_size[-1]
-
-        def ratio(key):
-            return large[key] / small[key] if small[key] and large[key] else None
 
         def slope(a, b):
             return (b["wall_s"] - a["wall_s"]) / (b["input_mb"] - a["input_mb"])
 
         first, last = slope(*by_size[:2]), slope(*by_size[-2:])
-        anon = [ratio("driver_anon_mb"), ratio("worker_anon_mb")]
-        out[stage] = {"driver_peak": ratio("driver_peak_mb"), "worker_peak": ratio("worker_peak_mb"),
-                      "tree_peak": ratio("tree_peak_mb"),
-                      "driver_anon": anon[0], "worker_anon": anon[1],
-                      "flat": all(r <= FLAT for r in anon if r is not None),
-                      "s_per_mb": (large["wall_s"] / large["input_mb"]) / (small["wall_s"] / small["input_mb"]),
-                      "marginal_s_per_mb": last / first if len(sizes) > 2 and first > 0 and last > 0 else None}
+        out[stage] = peak_growth(by_size[0], by_size[-1])
+        out[stage]["marginal_s_per_mb"] = last / first if len(sizes) > 2 and first > 0 and last > 0 else None
+        out[stage]["last_step"] = peak_growth(by_size[-2], by_size[-1]) if len(sizes) > 2 else None
     return out
 
 
@@ -391,6 +401,12 @@ def fmt(x, spec=".0f"):
     return "-" if x is None else format(x, spec)
 
 
+def growth_row(stage: str, small: float, large: float, g: dict, slope: str) -> str:
+    return (f"| {stage}: {small:g} -> {large:g} MB | {'flat' if g['flat'] else 'grows'} | s/MB x{g['s_per_mb']:.2f} | "
+            f"{slope} | x{fmt(g['driver_anon'], '.2f')} | x{fmt(g['worker_anon'], '.2f')} | "
+            f"x{fmt(g['driver_peak'], '.2f')} | x{fmt(g['worker_peak'], '.2f')} | x{fmt(g['tree_peak'], '.2f')} |")
+
+
 def markdown(args, prep: list[dict], grow: dict, corpora: list[dict], loader: list[dict], notes: list[str]) -> str:
     lines = []
     if prep:
@@ -400,7 +416,8 @@ def markdown(args, prep: list[dict], grow: dict, corpora: list[dict], loader: li
                   "included) of the driver and of the worst other process; exact maximum RSS over the tree. "
                   f"Growth rows: largest size over smallest, `flat` where both anonymous peaks grew at most x{FLAT}; "
                   "slope = seconds per extra MB between the two largest "
-                  "sizes over the same between the two smallest (1 = linear).", "",
+                  "sizes over the same between the two smallest (1 = linear); with three sizes or more a second "
+                  "row, the largest size over the one before it.", "",
                   "| stage | corpus MB | wall s | MB/s/core | driver anon | worker anon | driver RSS | worker RSS | tree RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for stage in args.stages:
@@ -409,11 +426,9 @@ def markdown(args, prep: list[dict], grow: dict, corpora: list[dict], loader: li
                              f"{fmt(r['driver_anon_mb'])} | {fmt(r['worker_anon_mb'])} | "
                              f"{fmt(r['driver_peak_mb'])} | {fmt(r['worker_peak_mb'])} | {fmt(r['tree_peak_mb'])} |")
             g = grow[stage]
-            lines.append(f"| {stage}: {args.sizes[0]:g} -> {args.sizes[-1]:g} MB | {'flat' if g['flat'] else 'grows'} | "
-                         f"s/MB x{g['s_per_mb']:.2f} | slope x{fmt(g['marginal_s_per_mb'], '.2f')} | "
-                         f"x{fmt(g['driver_anon'], '.2f')} | x{fmt(g['worker_anon'], '.2f')} | "
-                         f"x{fmt(g['driver_peak'], '.2f')} | x{fmt(g['worker_peak'], '.2f')} | "
-                         f"x{fmt(g['tree_peak'], '.2f')} |")
+            lines.append(growth_row(stage, args.sizes[0], args.sizes[-1], g, f"slope x{fmt(g['marginal_s_per_mb'], '.2f')}"))
+            if g["last_step"]:
+                lines.append(growth_row(stage, args.sizes[-2], args.sizes[-1], g["last_step"], "last step"))
         lines += ["", "| corpus MB | documents | planted exact | planted near | kept | filtered | exact dups | near dups |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in corpora:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -37,6 +38,15 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free TCP port found below {high}")
+
+
+def bench_module(name: str):
+    """bench/NAME.py imported as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_env(**extra: str) -> dict:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from runs import REPO, cpu_env
+from runs import REPO, bench_module, cpu_env
 
 
 @pytest.mark.slow  # two data_prep commands of ten seconds each and four loader probes
@@ -50,3 +50,24 @@ def test_quick_run_measures_the_pipeline_at_every_size_and_the_loader(tmp_path):
         assert any(line.startswith(f"| run | {size} |") for line in table.splitlines()), (size, table)
     assert f"| run: 0.05 -> 0.5 MB | {'flat' if g['flat'] else 'grows'} |" in table
     assert "| current index | 1T, extrapolated |" in table
+
+
+def test_growth_tells_batches_that_filled_up_from_memory_that_keeps_growing():
+    scale = bench_module("scale")
+    sizes = [1, 10, 100, 1000]
+
+    def rows(stage, worker_anon):
+        return [{"stage": stage, "size_mb": z, "input_mb": z, "wall_s": 2 + z / 2, "driver_anon_mb": 130,
+                 "worker_anon_mb": w, "driver_peak_mb": 250, "worker_peak_mb": w + 80, "tree_peak_mb": w + 80}
+                for z, w in zip(sizes, worker_anon)]
+
+    g = scale.growth(rows("filled", [170, 195, 219, 221]) + rows("leaks", [170, 200, 240, 300]), sizes, ["filled", "leaks"])
+    filled, leaks = g["filled"], g["leaks"]
+    assert not filled["flat"] and filled["worker_anon"] == pytest.approx(221 / 170)
+    assert filled["last_step"]["flat"] and filled["last_step"]["worker_anon"] == pytest.approx(221 / 219)
+    assert not leaks["flat"] and not leaks["last_step"]["flat"]
+    assert filled["marginal_s_per_mb"] == pytest.approx(1.0)  # the wall time above is linear in the input
+    row = scale.growth_row("filled", 100, 1000, filled["last_step"], "last step")
+    assert row.startswith("| filled: 100 -> 1000 MB | flat | s/MB x") and "| x1.01 |" in row
+    # two sizes: no last step apart from the whole range
+    assert scale.growth(rows("filled", [170, 195, 219, 221])[:2], sizes[:2], ["filled"])["filled"]["last_step"] is None

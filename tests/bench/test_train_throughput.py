@@ -3,12 +3,11 @@ runs' resolved profiles (--dry-run), and the plain PyTorch peer on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
-from runs import REPO, cpu_env
+from runs import REPO, bench_module, cpu_env
 
 
 def bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -41,16 +40,8 @@ def test_gpu_dry_run_refuses_a_bad_override_in_one_line(tmp_path):
         f"error: {profile}: data.seq_len: exceeds model.max_seq_len=4096 (got 8192)"]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench/train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_json_report_has_exactly_the_documented_keys(tmp_path):
-    tt = load_bench()
+    tt = bench_module("train_throughput")
     args = tt.parse_args(["--gpu-7b-layers", "2", "--json", str(tmp_path / "gpu.json")])
     profile = tt.load_profile(tt.REPO / tt.GPU_PROFILE, 1, tt.run_overrides(30, tt.gpu_overrides(2, 1, True, [])))
     outputs = {name: {"label": name, "step_times": [2.0, 1.0, 3.0], "peak_mem_gib": 10.0}
