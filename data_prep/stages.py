@@ -64,17 +64,6 @@ class Context:
     def task_dirs(self) -> list[Path]:
         return [self.prepare_dir / f"task-{t.index:05d}" for t in self.plan]
 
-    def locate(self, gids: list[int]) -> dict[int, str]:
-        """Document ids of the given gids (for reports: which copy survived), in one pass: each
-        task file involved is read once, in task order, and only its gid and id columns."""
-        want = np.unique(np.asarray(gids, dtype=np.uint64))
-        found: dict[int, str] = {}
-        for task in np.unique(want >> np.uint64(32)).tolist():
-            for batch_gids, ids in dedup.gids_and_ids(self.prepare_dir / f"task-{task:05d}"):
-                for i in np.flatnonzero(np.isin(batch_gids, want)):
-                    found[int(batch_gids[i])] = ids[int(i)].as_py()
-        return found
-
     def exact_columns(self) -> tuple[np.ndarray, np.ndarray]:
         """All exact pairs, sorted by gid, as memory-mapped (gid, survivor) columns."""
         d = self.dedup_dir / "exact"
