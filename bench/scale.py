@@ -432,7 +432,7 @@ def markdown(args, prep: list[dict], grow: dict, corpora: list[dict], loader: li
         lines += ["", "| corpus MB | documents | planted exact | planted near | kept | filtered | exact dups | near dups |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in corpora:
-            lines.append(f"| {c['bytes'] / MB:.3g} | {c['documents']:,} | {c['planted_exact']:,} | {c['planted_near']:,} | "
+            lines.append(f"| {c['size_mb']:g} | {c['documents']:,} | {c['planted_exact']:,} | {c['planted_near']:,} | "
                          f"{fmt(c['kept'], ',')} | {fmt(c['filtered'], ',')} | {fmt(c['exact_duplicate'], ',')} | "
                          f"{fmt(c['near_duplicate'], ',')} |")
     if loader:
