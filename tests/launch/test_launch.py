@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from runs import free_port
+from runs import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "pretrain_7b.sh"
 SBATCH = REPO / "launch" / "slurm" / "pretrain_7b.sbatch"
 TINY = str(REPO / "ds_configs" / "tiny_cpu.json")

@@ -6,7 +6,6 @@ compares against: one DeepSpeed run per engine and layout for the whole session.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -21,9 +20,8 @@ import torch
 from pipeline.checkpoint_reader import CheckpointError, Zero3Reader, load_file, open_checkpoint
 from pipeline.export import export, main, model_config_from_profile, read_run_profile
 from pipeline.model import Transformer
-from runs import STEPS, run_deepspeed, train_losses, zero3_args
+from runs import REPO, STEPS, bench_module, run_deepspeed, train_losses, zero3_args
 
-REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "ds_configs" / "tiny_cpu_pipeline.json"  # 2 stages, ZeRO stage 1
 
 
@@ -147,9 +145,7 @@ def test_benchmark_checkpoint_has_deepspeeds_layout(zero3_run, tmp_path):
     DeepSpeed's own zero_to_fp32 and our reader both recover exactly the weights written."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    spec = importlib.util.spec_from_file_location("export_memory", REPO / "bench" / "export_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("export_memory")
     real = zero3_run / "checkpoints" / f"global_step{STEPS}"
     profile = read_run_profile(real)
     cfg = model_config_from_profile(profile)
