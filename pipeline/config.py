@@ -12,8 +12,9 @@ A profile has five sections:
     deepspeed  a verbatim DeepSpeed config; values the trainer derives may be "auto"
 
 `load_profile()` returns a `Profile` whose DeepSpeed section has every "auto" filled in and
-checked, so nothing downstream re-reads raw dicts. Every mistake is reported as one line that
-names the file, the field, the value and what is allowed; unknown keys are errors.
+checked (`pipeline/ds_config.py` builds it from the resolved values), so nothing downstream
+re-reads raw dicts. Every mistake is reported as one line that names the file, the field, the
+value and what is allowed; unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.ds_config import DeepSpeedConfigError, deepspeed_config
 from pipeline.model import PRESETS, ModelConfig
 
 
@@ -129,6 +131,8 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0)
     eval_batches: int = Field(8, gt=0)
     checkpoint_every: int = Field(1000, ge=0)
+    # false: no save at the end, for benchmarks and smoke runs that measure; signal and skips stops still save, to resume.
+    final_checkpoint: bool = True
     keep_last: int = Field(3, gt=0)
     # Resuming on another topology converts the checkpoint first (pipeline/checkpoints.py); a
     # conversion that takes longer stops every rank with one message instead of hanging.
@@ -304,81 +308,6 @@ def _resolve_batch(t: TrainSection, seq_len: int, dp: int, source: str) -> tuple
     return accum, gbs
 
 
-def _fill(ds: dict, key: str, value: Any, source: str, path: str) -> None:
-    """Fill an "auto" (or missing) DeepSpeed value; a given value must agree with the derived one."""
-    if ds.get(key, "auto") == "auto":
-        ds[key] = value
-    elif ds[key] != value:
-        raise _error(source, f"deepspeed.{path}{key}", f"disagrees with the value derived from the profile "
-                     f"({json.dumps(value)}); set it to \"auto\"", ds[key])
-
-
-def _check_zero_section(zero: dict, source: str) -> None:
-    """Unknown or mistyped keys of deepspeed.zero_optimization, checked by DeepSpeed's own schema
-    (DeepSpeed would otherwise stop at the first one, after the model is built)."""
-    try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except ImportError:  # tools that only read profiles need not have DeepSpeed installed
-        return
-    try:
-        DeepSpeedZeroConfig(**zero)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        what = "unknown key (check its spelling)" if first["type"] == "extra_forbidden" else first["msg"]
-        raise _error(source, f"deepspeed.zero_optimization.{loc}", what, first.get("input")) from None
-
-
-# Keys DeepSpeed reads only at ZeRO stage 3 (weights partitioned), with the value that leaves them off.
-STAGE3_ONLY = {"offload_param": None, "zero_hpz_partition_size": 1}
-
-
-def _zero_stage(engine: str, stage: Any, source: str) -> int:
-    """The ZeRO stage the engine runs: "auto" is 3 for the data-parallel engine, 1 for the pipeline."""
-    field = "deepspeed.zero_optimization.stage"
-    if stage == "auto":
-        return 1 if engine == "pipeline" else 3
-    if engine == "pipeline" and stage not in (0, 1):
-        raise _error(source, field, "topology.engine 'pipeline' allows ZeRO stage 0 or 1 only: DeepSpeed refuses "
-                     "ZeRO-2/3 with pipeline parallelism (deepspeed/runtime/pipe/engine.py); for ZeRO-2/3 use "
-                     "topology.engine 'zero' (or 'zero3')", stage)
-    if engine == "zero3" and stage != 3:
-        raise _error(source, field, "topology.engine 'zero3' needs 3; for ZeRO-1 or ZeRO-2 use topology.engine "
-                     "'zero'", stage)
-    if engine == "zero" and stage not in (1, 2, 3):
-        raise _error(source, field, "topology.engine 'zero' needs 1, 2, 3 or \"auto\" (3)", stage)
-    return stage
-
-
-def _fill_zero_buckets(zero: dict, h: int, source: str) -> None:
-    """DeepSpeed's own "auto" rules (as its Hugging Face integration applies them), from the hidden
-    size h: the reduce bucket at every stage, the prefetch bucket and persistence threshold at
-    stage 3 only (where they also replace DeepSpeed's defaults when absent). These are tunables,
-    not identities: a number given in the profile wins. Below stage 3 a stage-3 key left "auto"
-    is dropped (nothing to derive); one given a value contradicts the stage and is refused, as
-    DeepSpeed would silently ignore it."""
-    stage = zero["stage"]
-    if stage == 3:
-        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                           ("stage3_param_persistence_threshold", 10 * h)):
-            if zero.get(key, "auto") == "auto":
-                zero[key] = value
-        return
-    if zero.get("reduce_bucket_size") == "auto":
-        zero["reduce_bucket_size"] = h * h
-    for key in [k for k in zero if k.startswith("stage3_")]:
-        if zero[key] == "auto":
-            del zero[key]
-        else:
-            raise _error(source, f"deepspeed.zero_optimization.{key}", f"applies to ZeRO stage 3 only, but the "
-                         f"stage is {stage}; remove it", zero[key])
-    for key, off in STAGE3_ONLY.items():
-        value = zero.get(key, off)
-        if value != off and not (isinstance(value, dict) and value.get("device", "none") == "none"):
-            raise _error(source, f"deepspeed.zero_optimization.{key}", f"applies to ZeRO stage 3 only (it "
-                         f"partitions or offloads the weights), but the stage is {stage}; remove it", value)
-
-
 def _check_shape(m: ModelSection, source: str) -> None:
     """The attention shape, with the preset's values where the profile gives none."""
     base = PRESETS[m.preset]
@@ -430,49 +359,14 @@ def resolve(raw: ProfileFile, source: str, world_size: int, vocab_size: int | No
     raw = raw.model_copy(update={"train": t.model_copy(update=filled)})
     t = raw.train
 
-    ds = copy.deepcopy(raw.deepspeed)
-    for bad in ("optimizer", "scheduler"):
-        if bad in ds:
-            raise _error(source, f"deepspeed.{bad}", "the trainer builds the optimizer and schedule from the train "
-                         "section (so weight decay skips norms); remove this key", ds[bad])
-    _fill(ds, "train_batch_size", gbs, source, "")
-    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, source, "")
-    _fill(ds, "gradient_accumulation_steps", accum, source, "")
-    _fill(ds, "gradient_clipping", t.grad_clip, source, "")
-    for key, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
-        section = ds.setdefault(key, {})
-        _fill(section, "enabled", on, source, f"{key}.")
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = _zero_stage(topo.engine, zero.get("stage", "auto"), source)
-    _fill_zero_buckets(zero, model.dim, source)
-    hpz = zero.get("zero_hpz_partition_size", 1)
-    if isinstance(hpz, int) and hpz > 1 and world_size % hpz:
-        # ZeRO++ hpZ keeps a secondary copy of the weights partitioned over `hpz` ranks (one node).
-        raise _error(source, "deepspeed.zero_optimization.zero_hpz_partition_size",
-                     f"world size {world_size} is not a multiple of it (set it to the GPUs per node)", hpz)
-    _check_zero_section(zero, source)
-    if topo.engine == "pipeline" and t.precision == "bf16":
-        # DeepSpeed's pipeline engine with bf16 needs fp32 gradient accumulation.
-        dtypes = ds.setdefault("data_types", {})
-        _fill(dtypes, "grad_accum_dtype", "fp32", source, "data_types.")
-    ds.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress line
-    ds.setdefault("wall_clock_breakdown", False)
-    left = _find_auto(ds)
-    if left:
-        raise _error(source, f"deepspeed.{left}", "\"auto\" but the trainer does not derive it; give a value", "auto")
+    try:
+        ds = deepspeed_config(raw.deepspeed, engine=topo.engine, precision=t.precision, grad_clip=t.grad_clip,
+                              micro_batch_size=t.micro_batch_size, grad_accum_steps=accum, global_batch_size=gbs,
+                              hidden_size=model.dim, world_size=world_size)
+    except DeepSpeedConfigError as e:
+        raise _error(source, e.field, e.what, e.value) from None
     return Profile(source=source, raw=raw, model=model, world_size=world_size, data_parallel_size=dp,
                    grad_accum_steps=accum, global_batch_size=gbs, deepspeed=ds)
-
-
-def _find_auto(d: Any, prefix: str = "") -> str | None:
-    if isinstance(d, dict):
-        for k, v in d.items():
-            found = _find_auto(v, f"{prefix}{k}.")
-            if found:
-                return found
-    elif d == "auto":
-        return prefix.rstrip(".")
-    return None
 
 
 def parse_profile(raw: dict, source: str) -> ProfileFile:

@@ -100,6 +100,13 @@ def test_overrides_and_token_budget():
     assert p.deepspeed["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
+def test_final_checkpoint_is_on_unless_switched_off():
+    tiny = REPO / "ds_configs/tiny_cpu.json"
+    assert load_profile(tiny, 2, vocab_size=4096).train.final_checkpoint is True
+    p = load_profile(tiny, 2, ["train.final_checkpoint=false"], vocab_size=4096)
+    assert p.train.final_checkpoint is False and p.resolved_dict()["train"]["final_checkpoint"] is False
+
+
 def _tiny() -> dict:
     return json.loads((REPO / "ds_configs/tiny_cpu.json").read_text())
 
@@ -155,6 +162,7 @@ MISTAKES = [
     ({"deepspeed.zero_optimization.zero_hpz_partition_size": 4}, 2, "deepspeed.zero_optimization.zero_hpz_partition_size"),
     ({"deepspeed.steps_per_print": "auto"}, 2, "deepspeed.steps_per_print"),
     ({"train.decay_steps": 10}, 2, "train.decay_steps"),
+    ({"train.final_checkpoint": "sometimes"}, 2, "train.final_checkpoint"),
 ]
 
 
