@@ -274,7 +274,8 @@ class Trainer:
 
     def checkpoint_due(self, stop: bool) -> bool:
         t = self.profile.train
-        return stop or self.skips.exhausted or self.step == t.steps or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0)
+        return (stop or self.skips.exhausted or (self.step == t.steps and t.final_checkpoint)
+                or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0))
 
     def run(self) -> int:
         t = self.profile.train

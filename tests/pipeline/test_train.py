@@ -118,7 +118,12 @@ STAGE_ATOL = 2e-6
 def test_zero_stages_1_and_2_give_the_losses_of_zero3(prepared_data, zero3_run, zero2_run, tmp_path):
     zero1 = tmp_path / "zero1"
     run_deepspeed(zero_args(1, prepared_data, zero1, "--set", "train.steps=4", "--set", "train.checkpoint_every=0",
-                            "--set", "train.eval_every=0"))
+                            "--set", "train.eval_every=0", "--set", "train.final_checkpoint=false"))
+    # As a benchmark runs it (train.final_checkpoint=false): every step logged, nothing saved at the
+    # end (failed first: the last step always saved).
+    assert [r["step"] for r in read_metrics(zero1)] == [1, 2, 3, 4]
+    assert not (zero1 / "checkpoints" / "latest").exists()
+    assert not list((zero1 / "checkpoints").rglob("global_step*"))
     want = train_losses(zero3_run)
     for run, steps in ((zero1, range(1, 5)), (zero2_run, range(1, STEPS + 1))):
         got = train_losses(run)
@@ -155,8 +160,10 @@ def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
 
 def test_sigterm_checkpoints_and_resume_reproduces_losses(prepared_data, zero3_run, tmp_path):
     out = tmp_path / "run"
+    # Without a final checkpoint, too: the stop by signal still saves, as it exists to be resumed.
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--module", *zero3_args(prepared_data, out, "--set", "train.checkpoint_every=0")]
+           "--module", *zero3_args(prepared_data, out, "--set", "train.checkpoint_every=0",
+                                   "--set", "train.final_checkpoint=false")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for the first step, then preempt like a scheduler would
@@ -338,10 +345,12 @@ def test_kill_during_save_then_resume_on_fewer_ranks_with_a_derived_batch(prepar
 
 def test_a_nan_step_is_skipped_and_counted_and_consecutive_ones_stop_the_run(prepared_data, tmp_path):
     """One NaN step (2) is skipped and training goes on; two in a row (5, 6) stop the run with a
-    checkpoint at the stop, which is not a multiple of checkpoint_every."""
+    checkpoint at the stop, which is not a multiple of checkpoint_every (and is made even without a
+    final checkpoint: the stopped run is meant to be resumed)."""
     out = tmp_path / "run"
     proc = run_deepspeed(zero3_args(prepared_data, out, "--set", "train.max_consecutive_skips=2",
-                                    "--set", "train.checkpoint_every=4", "--set", "train.keep_last=1"),
+                                    "--set", "train.checkpoint_every=4", "--set", "train.keep_last=1",
+                                    "--set", "train.final_checkpoint=false"),
                          env=cpu_env(PIPELINE_INJECT_NAN_STEPS="2,5,6"), check=False)
     assert proc.returncode != 0
     assert "2 consecutive steps had a non-finite loss" in proc.stderr + proc.stdout
