@@ -42,8 +42,13 @@ def checkpoint_bytes(profile: Profile) -> int:
 def checkpoint_space(profile: Profile) -> int:
     """Disk the run's checkpoints need at their peak: `keep_last` complete checkpoints plus the one
     being saved (older ones are pruned only after it is in place), plus one universal copy (fp32
-    weights, Adam m and v: 12 bytes per parameter) made when resuming on another topology."""
-    return (profile.train.keep_last + 1) * checkpoint_bytes(profile) + 12 * profile.model.num_params()
+    weights, Adam m and v: 12 bytes per parameter) made when resuming on another topology. None
+    for a run that saves nothing (no periodic save within its steps, `final_checkpoint` off: a
+    benchmark); a stop by signal would still try one, and fail in one line if the disk is full."""
+    t = profile.train
+    if not t.final_checkpoint and not (t.checkpoint_every and t.checkpoint_every <= t.steps):
+        return 0
+    return (t.keep_last + 1) * checkpoint_bytes(profile) + 12 * profile.model.num_params()
 
 
 def _bytes_under(path: Path) -> int:

@@ -133,6 +133,25 @@ def test_room_for_keep_last_checkpoints_and_a_conversion(prep, tmp_path, monkeyp
     assert len(run_preflight(resolved, manifest, tmp_path / "run", 2)) == 1
 
 
+def test_a_run_that_saves_nothing_needs_no_checkpoint_space(prep, tmp_path, monkeypatch):
+    """A benchmark (no periodic save within its steps, no final checkpoint) starts on a disk that
+    holds no checkpoint of its model: the 7B layer-shape benchmark on a 64 GiB disk was refused
+    for 119 GiB of checkpoints it would never write. (Failed before final_checkpoint was counted.)"""
+    import pipeline.preflight as pf
+
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    manifest = prep / "shards" / "manifest.json"
+    vocab = _vocab(prep)
+    no_save = ["train.final_checkpoint=false", "train.steps=10"]
+    for every in ("0", "11"):
+        profile = load_profile(TINY, 2, [*no_save, f"train.checkpoint_every={every}"], vocab_size=vocab)
+        assert run_preflight(profile, manifest, tmp_path / "run", 2) == [], every
+    # A periodic save within the run, or the final one, still needs its room.
+    for saves in ([*no_save, "train.checkpoint_every=5"], ["train.steps=10", "train.checkpoint_every=0"]):
+        failures = run_preflight(load_profile(TINY, 2, saves, vocab_size=vocab), manifest, tmp_path / "run", 2)
+        assert len(failures) == 1 and failures[0].startswith("checkpoints:"), (saves, failures)
+
+
 def test_cli(prep, tmp_path, capsys):
     manifest = str(prep / "shards" / "manifest.json")
     args = ["--profile", str(TINY), "--manifest", manifest, "--out", str(tmp_path / "run")]
