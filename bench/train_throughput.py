@@ -13,13 +13,13 @@ of their median step times (target: ours ≤ 1.05× bare). Both engines: ZeRO-3 
 
 GPU mode (--gpu-7b-layers K) trains the LLaMA-7B layer shape (dim 4096, FFN 11008, 32 heads,
 seq 4096, vocabulary 32000, bf16, K layers, activation checkpointing unless
---no-activation-checkpointing, flash attention) on one GPU, from ds_configs/7b_zero3.json, three
+--no-activation-checkpointing, flash attention, the loss in chunks of --loss-chunk-tokens) on one GPU, from ds_configs/7b_zero3.json, three
 ways in one invocation: ours through the deepspeed launcher, the bare DeepSpeed loop, and a plain
 PyTorch loop (bench/plain_torch_loop.py: fp32 master weights with bf16 autocast, fused torch
 AdamW, no DeepSpeed). Without --manifest it prepares data from the built-in demo corpus once
-(runs/bench/prep; the model's vocabulary may exceed the tokenizer's). Our run ends with the
-trainer's final checkpoint (after the timed steps, not timed) in a temporary directory under
---work: about 14 bytes per parameter of disk.
+(runs/bench/prep; the model's vocabulary may exceed the tokenizer's). No run writes a
+checkpoint (`train.final_checkpoint=false`): a benchmark measures, and at the 7B layer shape a
+checkpoint would be ~14 bytes per parameter of disk and time.
 
 Figures are medians over the steps after the first 3 (allocation, JIT, first connections).
 FLOPs convention: pipeline/metrics.py flops_per_token; peak FLOP/s: detect_peak_flops.
@@ -49,7 +49,9 @@ from pipeline.config import Profile, ProfileError, load_profile  # noqa: E402
 from pipeline.data import Manifest, ManifestError  # noqa: E402
 from pipeline.metrics import detect_peak_flops, flops_per_token  # noqa: E402
 
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+# The deepspeed launcher, run by this interpreter (its console script may sit off PATH, beside the
+# packages of another environment, as in the GPU check's venv).
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 WARMUP = 3  # steps left out of the medians (allocation, JIT, first gloo/NCCL connections)
 GPU_PROFILE = "ds_configs/7b_zero3.json"
 DEMO_PREP = REPO / "runs/bench/prep"
@@ -80,15 +82,15 @@ def set_flags(overrides: list[str]) -> list[str]:
 
 
 def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    return [*DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             *args]
 
 
 def run_overrides(steps: int, sets: list[str]) -> list[str]:
-    """What every run's profile gets: no evaluation or periodic checkpoints inside the timed steps,
-    one progress line at the end; the peers ignore what their loop lacks."""
-    return [f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0", f"train.log_every={steps}",
-            *sets]
+    """What every run's profile gets: no evaluation and no checkpoint, one progress line at the
+    end; the peers ignore what their loop lacks."""
+    return [f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0", "train.final_checkpoint=false",
+            f"train.log_every={steps}", *sets]
 
 
 def read_times(path: Path) -> Callable[[], dict]:
@@ -169,7 +171,8 @@ def print_plan(runs: list[Run], profile_path: str, env: dict, vocab_size: int | 
               f"{m.n_layers} layers, dim {m.dim}, FFN {m.ffn_dim}, {m.n_heads} heads, vocab {m.vocab_size}, seq {p.data.seq_len} "
               f"(max {m.max_seq_len}), micro-batch {t.micro_batch_size} × accumulation {p.grad_accum_steps}, "
               f"{t.precision}, activation checkpointing {t.activation_checkpointing}, attention "
-              f"{t.attention_backend}, compile {t.compile}, {t.steps} steps")
+              f"{t.attention_backend}, loss chunk {t.loss_chunk_tokens}, compile {t.compile}, {t.steps} steps, "
+              f"final checkpoint {t.final_checkpoint}")
     if note:
         print(note)
     pinned = [f"{k}={env[k]}" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env]
@@ -196,17 +199,20 @@ def measure(make_runs: Callable[[Path], list[Run]], rounds: int, env: dict, work
                 acc["peak_mem_gib"] = max(acc["peak_mem_gib"] or 0.0, out["peak_mem_gib"])
             if "sdpa_backend" in out:
                 acc["sdpa_backend"] = out["sdpa_backend"]
-        shutil.rmtree(work)  # the trainer's final checkpoint: ~14 bytes per parameter on the GPU profile
+        shutil.rmtree(work)
     return outputs
 
 
-def gpu_overrides(layers: int, micro_batch: int, activation_checkpointing: bool, extra: list[str]) -> list[str]:
+def gpu_overrides(layers: int, micro_batch: int, activation_checkpointing: bool, extra: list[str],
+                  loss_chunk_tokens: int) -> list[str]:
     """The LLaMA-7B layer shape on ds_configs/7b_zero3.json: K of its layers, seq 4096 (so
-    max_seq_len 4096 too), a 32000-token vocabulary whatever the tokenizer's, one micro-batch per step."""
+    max_seq_len 4096 too), a 32000-token vocabulary whatever the tokenizer's, one micro-batch per
+    step, the loss in chunks (what a 7B run uses: the fp32 logits of 4 × 4096 tokens are 2 GiB)."""
     return [f"model.n_layers={layers}", "model.vocab_size=32000", "model.max_seq_len=4096", "data.seq_len=4096",
             f"train.micro_batch_size={micro_batch}", "train.grad_accum_steps=1", "train.global_batch_tokens=auto",
             "train.global_batch_size=auto", f"train.activation_checkpointing={str(activation_checkpointing).lower()}",
-            "train.attention_backend=flash", "train.warmup_steps=1", *extra]
+            "train.attention_backend=flash", f"train.loss_chunk_tokens={loss_chunk_tokens}", "train.warmup_steps=1",
+            *extra]
 
 
 def prepare_demo_manifest(env: dict) -> str:
@@ -231,7 +237,8 @@ def prepare_demo_manifest(env: dict) -> str:
 
 def gpu_runs(args, manifest: str) -> Callable[[Path], list[Run]]:
     overrides = run_overrides(args.steps, gpu_overrides(args.gpu_7b_layers, args.micro_batch,
-                                                        args.activation_checkpointing, args.sets))
+                                                        args.activation_checkpointing, args.sets,
+                                                        args.loss_chunk_tokens))
     return lambda work: [ours(GPU_PROFILE, manifest, 1, overrides, work),
                          bare(GPU_PROFILE, manifest, args.steps, 1, overrides, work),
                          plain(GPU_PROFILE, manifest, args.steps, overrides, work)]
@@ -330,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="GPU mode: sequences per micro-batch")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU mode: recompute every block's activations in the backward pass")
+    p.add_argument("--loss-chunk-tokens", type=int, default=4096, metavar="N",
+                   help="GPU mode: cross-entropy N tokens at a time (train.loss_chunk_tokens; 0: all at once)")
     p.add_argument("--json", metavar="FILE", help="GPU mode: write the results as JSON (schema in docs/benchmarks.md)")
     p.add_argument("--work", help="directory for the runs' outputs (default: a temporary directory)")
     p.add_argument("--dry-run", action="store_true", help="resolve every run's profile and print the plan; launch nothing")

@@ -28,6 +28,8 @@ def test_gpu_dry_run_plans_three_runs_on_the_7b_layer_shape(tmp_path):
     for line in resolved:
         assert "3 layers, dim 4096, FFN 11008, 32 heads, vocab 32000, seq 4096 (max 4096)" in line
         assert "micro-batch 2 × accumulation 1, bf16, activation checkpointing False, attention flash" in line
+        # The chunked loss the planner's memory assumes, and no checkpoint: a benchmark measures.
+        assert "loss chunk 4096," in line and "final checkpoint False" in line
     assert all("--set train.lr=1e-4" in plan[name] for name in ("ours", "bare_deepspeed", "plain_pytorch"))
 
 
@@ -43,7 +45,7 @@ def test_gpu_dry_run_refuses_a_bad_override_in_one_line(tmp_path):
 def test_gpu_json_report_has_exactly_the_documented_keys(tmp_path):
     tt = bench_module("train_throughput")
     args = tt.parse_args(["--gpu-7b-layers", "2", "--json", str(tmp_path / "gpu.json")])
-    profile = tt.load_profile(tt.REPO / tt.GPU_PROFILE, 1, tt.run_overrides(30, tt.gpu_overrides(2, 1, True, [])))
+    profile = tt.load_profile(tt.REPO / tt.GPU_PROFILE, 1, tt.run_overrides(30, tt.gpu_overrides(2, 1, True, [], 4096)))
     outputs = {name: {"label": name, "step_times": [2.0, 1.0, 3.0], "peak_mem_gib": 10.0}
                for name in ("ours", "bare_deepspeed", "plain_pytorch")}
     outputs["plain_pytorch"]["sdpa_backend"] = "unknown"  # the profiler saw no SDPA operator
