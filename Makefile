@@ -1,20 +1,19 @@
 # One command sets up and runs the main job; one command runs the tests.
 #   make demo        virtual environment + install + the whole pipeline on the built-in corpus
 #   make test        the test suite (real DeepSpeed processes on the CPU; datatrove in .venv-bench)
-#   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md)
-#   make gpu-wheels  on a machine with a registry: the wheel directory for a GPU machine without one
+#   make gpu-bundle  on a machine with a registry: gpu-bundle/, what a GPU machine lacks for the check
+#   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md);
+#                    GPU_ARGS=--dry-run prints its plan here. Without make: bash launch/gpu_check.sh
 #   make tf4-env     transformers 4.x beside the 5.x of the main venv (the export's tokenizer must load in both)
 PYTHON ?= python3
 VENV   ?= .venv
 OUT    ?= runs/demo
-# make gpu-check: WHEELS=DIR installs from that directory only (no registry); GPU_ARGS are passed
-# to launch/gpu_check.py, e.g. GPU_ARGS="--steps a,c" or GPU_ARGS=--dry-run.
+# make gpu-check: the bundle's wheels go into GPU_VENV beside the machine's own torch; GPU_ARGS are
+# passed to launch/gpu_check.py, e.g. GPU_ARGS="--steps c,a --budget-s 600" or GPU_ARGS=--dry-run.
+BUNDLE   ?= gpu-bundle
 GPU_VENV ?= .venv-gpu
 GPU_OUT  ?= runs/gpu-check
 GPU_ARGS ?=
-WHEELS   ?=
-# make gpu-wheels: HAVE=FILE is `python3 -m pip freeze` of the GPU machine (what it need not be sent).
-HAVE     ?=
 
 # transformers 4.x, tokenizers only (no torch): the test that exported tokenizers load in 4.x runs in it.
 TF4_VENV ?= .venv-tf4
@@ -23,7 +22,7 @@ BENCH_VENV ?= .venv-bench
 # suite's session fixtures (prepared data, the reference runs), so more than the cores is slower.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install bench-install clean-demo gpu-check gpu-install gpu-wheels tf4-env
+.PHONY: demo test install bench-install clean-demo gpu-check gpu-bundle tf4-env
 
 install: $(VENV)/.installed $(VENV)/.ds-ops
 
@@ -72,33 +71,20 @@ $(TF4_VENV)/.installed:
 clean-demo:
 	rm -rf $(OUT)
 
-# The GPU check runs on the machine's own CUDA build of torch and never replaces it: a venv that
-# sees the machine's packages, with everything of requirements.txt but torch installed into it.
-gpu-install: $(GPU_VENV)/.installed
+# The GPU bundle (launch/gpu_bundle.py): wheels of what the check imports and the GPU image
+# (launch/gpu_image.txt) lacks, and one prepared data set; built once, again when its inputs change.
+gpu-bundle: $(BUNDLE)/bundle.json
 
-$(GPU_VENV)/.installed: requirements.txt
-	@$(PYTHON) -c "import torch" || { echo "error: $(PYTHON) cannot import torch; make gpu-check uses the machine's own (CUDA) torch: set PYTHON=" >&2; exit 2; }
-	@# No pip or setuptools of its own: the machine's pip installs into it (pip --python), and the
-	@# machine's setuptools stays visible (Python <= 3.11 would put an older one in, which torch's
-	@# extension builds and its requirement setuptools>=77 then find instead).
-	$(PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV)
-	@# --system-site-packages shows the base interpreter's packages only; where PYTHON is itself a
-	@# venv (CUDA images often keep torch in one), a .pth file shows that venv's packages too.
-	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
-	  > "$$($(GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/machine-packages.pth"
-	grep -v '^torch==' requirements.txt > $(GPU_VENV)/requirements.txt
-	@# A constraint on the machine's own torch: pip fails rather than replace it.
-	$(GPU_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(GPU_VENV)/keep-torch.txt
-ifneq ($(WHEELS),)
-	@# No registry: the directory's wheels only; packages it has no wheel for stay at the machine's version.
-	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
+$(BUNDLE)/bundle.json: $(VENV)/.installed requirements.txt launch/gpu_image.txt launch/gpu_bundle.py data_prep/configs/demo.json
+	$(VENV)/bin/python launch/gpu_bundle.py --out $(BUNDLE)
+
+# A dry run needs no GPU and no install: the plan, from this machine's environment. A real run
+# installs the bundle (pip --no-index, never over the machine's torch) and runs the check, as the
+# one-line command of docs/gpu.md does on a machine without make.
+ifneq ($(filter --dry-run,$(GPU_ARGS)),)
+gpu-check: install $(BUNDLE)/bundle.json
+	$(VENV)/bin/python launch/gpu_check.py --bundle $(BUNDLE) --out $(GPU_OUT) $(GPU_ARGS)
 else
-	$(PYTHON) -m pip --python $(GPU_VENV)/bin/python install --quiet -c $(GPU_VENV)/keep-torch.txt -r $(GPU_VENV)/requirements.txt
+gpu-check:
+	PYTHON=$(PYTHON) GPU_VENV=$(GPU_VENV) bash launch/gpu_check.sh --bundle $(BUNDLE) --out $(GPU_OUT) $(GPU_ARGS)
 endif
-	touch $@
-
-gpu-check: gpu-install
-	PATH="$(abspath $(GPU_VENV))/bin:$$PATH" $(GPU_VENV)/bin/python launch/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
-
-gpu-wheels: install
-	$(VENV)/bin/python launch/gpu_wheels.py --out $(or $(WHEELS),gpu-wheels) $(if $(HAVE),--have $(HAVE))

@@ -40,7 +40,12 @@ def detect_peak_flops() -> tuple[str, float | None]:
 
     if not torch.cuda.is_available():
         return "cpu", None
-    name = torch.cuda.get_device_name().lower()
+    return gpu_kind(torch.cuda.get_device_name())
+
+
+def gpu_kind(device_name: str) -> tuple[str, float | None]:
+    """(kind, dense bf16 peak FLOP/s or None) of a GPU by the name torch gives it."""
+    name = device_name.lower()
     if "h200" in name:
         return "h200", PEAK_FLOPS["h200"]
     if "h100" in name:
