@@ -135,7 +135,7 @@ def build_wheels(out: Path, image: dict[str, str | None], python: str) -> dict[s
 def prune(out: Path, image: dict[str, str | None], for_the_check: set[str], python: str) -> dict[str, str]:
     """Drop the wheels of packages the image has, where every kept wheel is content with the
     image's version. An image package whose version is not known and that a kept wheel
-    constrains is shipped: a failed install costs a GPU session. Returns {file: why}."""
+    constrains is shipped: a failed install costs a whole GPU run. Returns {file: why}."""
     wheels = {canonicalize_name(parse_wheel_filename(w.name)[0]): w for w in out.glob("*.whl")}
     needs: dict[str, list[tuple[str, Requirement]]] = {}
     for name, w in wheels.items():
