@@ -158,20 +158,37 @@ class ExactDedupConfig(_Strict):
 
 class MinHashConfig(_Strict):
     # Tuned for the near duplicates people make: copies with 2-6% of their words changed at
-    # scattered positions. Each changed word breaks `ngram` shingles, so such a copy has a
-    # 5-gram Jaccard near 0.6 but a 3-gram Jaccard near 0.75. 28 bands x 4 rows (112
-    # permutations): the S-curve 1-(1-s^4)^28 is 0.98 at s=0.6 and 0.04 at s=0.2.
-    # Candidates are then verified on their exact shingle Jaccard against the survivor
-    # (>= threshold), and clusters never chain (dedup.merge). FineWeb/datatrove use 5-grams,
-    # 14x8 with no verification, which finds about a quarter of such copies
-    # (bench/near_dedup.py measures both).
+    # scattered positions. Each changed word breaks up to `ngram` shingles, so such a copy has
+    # a 5-gram Jaccard of ~0.6-0.8 (2% of them fall below 0.5). 28 bands x 4 rows (112
+    # permutations): the S-curve 1-(1-s^4)^28 is 0.98 at s=0.6 and 0.04 at s=0.2. Candidates
+    # are then verified on their exact shingle Jaccard against the survivor (>= threshold), and
+    # clusters never chain (dedup.merge). 5-grams, not 3: a 3-gram Jaccard of 0.5 lets through
+    # reordered sentences ("... from a mountain top than a fool can from the bottom of a well"
+    # and its reverse: 3-gram Jaccard 0.64, 5-gram 0.23) and copies with ~13% of the words
+    # changed. FineWeb/datatrove use 5-grams, 14x8 with no verification, which finds about 60%
+    # of such copies (bench/near_dedup.py measures both).
     enabled: bool = True
-    ngram: int = Field(default=3, ge=1)
+    ngram: int = Field(default=5, ge=1)
     bands: int = Field(default=28, ge=1)
     rows: int = Field(default=4, ge=1)
     threshold: float = Field(default=0.5, gt=0, le=1, description="min exact shingle Jaccard of a removed document and its survivor")
+    # A pair whose smaller document has fewer shingles than this is merged only when both have
+    # the same shingles (the same words in the same order, up to case and punctuation). None:
+    # ngram * (1 + threshold) / (1 - threshold), rounded up (15 for the defaults), the fewest
+    # shingles at which a copy with one word replaced in its middle still reaches the
+    # threshold; dedup.is_near_duplicate says why.
+    min_shingles: int | None = Field(default=None, ge=1, description="fewer shingles: near-merged only at Jaccard 1")
     seed: int = 1
     partitions: int = Field(default=16, ge=1, description="dedup partitions written to disk and clustered independently")
+
+    @model_validator(mode="after")
+    def _derive_min_shingles(self):
+        import math
+
+        if self.min_shingles is None:  # resolved here, so the manifest records the number that ran
+            t = self.threshold  # at 1, every merge needs the same shingles anyway
+            self.min_shingles = 1 if t >= 1 else math.ceil(round(self.ngram * (1 + t) / (1 - t), 6))
+        return self
 
     @property
     def num_perm(self) -> int:

@@ -143,6 +143,33 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 0.0
 
 
+def is_near_duplicate(a: np.ndarray, b: np.ndarray, threshold: float, min_shingles: int) -> bool:
+    """Whether two documents' shingle sets (shingle_sets) make them near duplicates: exact
+    Jaccard >= threshold, and where the smaller set has fewer than min_shingles shingles,
+    the same set (Jaccard 1: the same words in the same order, up to case and punctuation).
+
+    Why a size rule: the banding's chance of pairing two documents depends on their Jaccard
+    alone (a 4-shingle pair at 0.6 collides as often as a 4,000-shingle one), and the check
+    is exact, so neither misjudges a short pair's Jaccard. What changes with size is what a
+    given Jaccard says. One word replaced in the middle of an S-shingle document removes n
+    shingles from the intersection and adds n to the union: J = (S - n) / (S + n), which
+    reaches the threshold t only from S = n(1+t)/(1-t) on (15 for 5-grams at 0.5, i.e. 19
+    words; config.MinHashConfig.min_shingles). A word changed in the first or last n - 1
+    words costs fewer shingles (one at the very end: J = (S - 1) / (S + 1)), so below that
+    size the threshold passes only pairs whose differences sit at their ends (or one inserted
+    word): how two different statements that share a phrase look. "Return true if the
+    variable is odd." / "... is even." (one-line docstrings, 5-gram Jaccard 0.5), "You are in
+    a maze of little twisting passages, all alike." / "... all different." (fortunes, 0.75).
+    At 2-6% of the words, an edited copy of a text under 19 words has one changed word at
+    most, and in a text that short one word is often the one that carries its meaning
+    (odd/even). The rule gives up those copies, and the short variants that differ by a label
+    or an attribution at one end (a quotation with and without "-- Walt West");
+    bench/near_dedup.py --short-texts --without-size-rule counts both kinds on real short texts.
+    """
+    j = jaccard(a, b)
+    return j >= threshold and (min(len(a), len(b)) >= min_shingles or j == 1.0)
+
+
 # Candidates whose signature estimate is this far below the threshold are not worth the exact
 # check: with 112 permutations the estimate's standard deviation is at most 0.047, so 0.2 is
 # over four of them.
@@ -153,14 +180,14 @@ SHINGLE_CACHE = 20_000
 
 
 def near_pairs(task_dirs: list[Path], partition: int, store: SignatureStore, threshold: float, ngram: int,
-               max_checks: int = 8) -> np.ndarray:
+               min_shingles: int, max_checks: int = 8) -> np.ndarray:
     """Verified near-duplicate edges (earlier gid, later gid) from the band keys of one partition.
 
     Documents sharing a band key are candidates. Each member of a bucket is checked against the
     bucket's first max_checks members (its smallest gids: the copies most likely to survive),
-    and an edge is kept only where the exact Jaccard of the two documents' shingle sets reaches
-    the threshold. Exact, not estimated: a pair just below the threshold is never an edge, and
-    the merge relies on every edge it uses being a true one.
+    and an edge is kept only where the two documents' exact shingle sets pass
+    is_near_duplicate. Exact, not estimated: a pair just below the threshold is never an edge,
+    and the merge relies on every edge it uses being a true one.
     """
     rows = _load_partition(task_dirs, f"bands-{partition:03d}.npy", BAND_DTYPE)
     if len(rows) == 0:
@@ -193,7 +220,7 @@ def near_pairs(task_dirs: list[Path], partition: int, store: SignatureStore, thr
         need = sorted({g for p in todo for g in p} - shingles.keys())
         if need:
             shingles.update(zip(need, shingle_sets(store.texts(np.array(need, dtype=np.uint64)), ngram)))
-        edges.update(p for p in todo if jaccard(shingles[p[0]], shingles[p[1]]) >= threshold)
+        edges.update(p for p in todo if is_near_duplicate(shingles[p[0]], shingles[p[1]], threshold, min_shingles))
     out = np.array(sorted(edges), dtype=np.uint64).reshape(-1, 2)
     res = np.empty(len(out), dtype=PAIR_DTYPE)
     res["survivor"], res["gid"] = out[:, 0], out[:, 1]

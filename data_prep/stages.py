@@ -64,6 +64,12 @@ class Context:
     def task_dirs(self) -> list[Path]:
         return [self.prepare_dir / f"task-{t.index:05d}" for t in self.plan]
 
+    @property
+    def dedup_off(self) -> list[str]:
+        """The dedup stages the config switches off (a corpus deduplicated upstream)."""
+        return [name for name, on in (("exact_dedup", self.cfg.exact_dedup.enabled), ("near_dedup", self.cfg.minhash.enabled))
+                if not on]
+
     def exact_columns(self) -> tuple[np.ndarray, np.ndarray]:
         """All exact pairs, sorted by gid, as memory-mapped (gid, survivor) columns."""
         d = self.dedup_dir / "exact"
@@ -108,6 +114,13 @@ def _require(ctx: Context, paths: list[Path], before: str) -> None:
                          f"(first: {missing[0]}); run `python -m data_prep {before}` first")
 
 
+def _require_dedup(ctx: Context) -> None:
+    """The dedup result the later stages read: removed.npy, unless both dedups are off (then
+    there is none, and every document that passed the filters is kept)."""
+    if len(ctx.dedup_off) < 2:
+        _require(ctx, [ctx.dedup_dir / "removed.npy"], "dedup")
+
+
 # ---- stage task functions (module level: executors pickle them) ----
 
 def _prepare(ctx: Context, task: Task) -> dict:
@@ -138,7 +151,8 @@ def _near(ctx: Context, p: int) -> int:
     out = ctx.dedup_dir / f"near-{p:03d}.npy"
     if not out.exists():
         store = dedup.SignatureStore(ctx.prepare_dir)
-        pairs = dedup.near_pairs(ctx.task_dirs(), p, store, ctx.cfg.minhash.threshold, ctx.cfg.minhash.ngram)
+        mh = ctx.cfg.minhash
+        pairs = dedup.near_pairs(ctx.task_dirs(), p, store, mh.threshold, mh.ngram, mh.min_shingles)
         _save_npy(out, dedup.representative_edges(pairs, *ctx.exact_columns()))
     return p
 
@@ -211,7 +225,7 @@ class MergeDedup(Stage):
 
     def run(self, ctx, ex):
         out = ctx.dedup_dir / "removed.npy"
-        if out.exists():
+        if out.exists() or len(ctx.dedup_off) == 2:  # both off: nothing to merge, no removed.npy
             return
         P = ctx.cfg.minhash.partitions
         exact = [ctx.dedup_dir / "exact"] if ctx.cfg.exact_dedup.enabled else []
@@ -248,7 +262,8 @@ class TrainTokenizer(Stage):
                 shutil.copyfile(tc.existing_model, ctx.model_file.with_name(".tokenizer.model.tmp"))
                 os.replace(ctx.model_file.with_name(".tokenizer.model.tmp"), ctx.model_file)
             else:
-                _require(ctx, ctx.task_dirs() + [ctx.dedup_dir / "removed.npy"], "dedup")
+                _require(ctx, ctx.task_dirs(), "prepare")
+                _require_dedup(ctx)
                 sample = ctx.work / "tokenizer_sample.txt"
                 if not sample.exists():
                     write_sample(ctx, ex, sample)
@@ -292,8 +307,7 @@ class Tokenize(Stage):
     def run(self, ctx, ex):
         _require(ctx, ctx.task_dirs(), "prepare")
         _require(ctx, [ctx.model_file], "train-tokenizer")
-        if ctx.cfg.exact_dedup.enabled or ctx.cfg.minhash.enabled:
-            _require(ctx, [ctx.dedup_dir / "removed.npy"], "dedup")
+        _require_dedup(ctx)
         ctx.shard_dir.mkdir(parents=True, exist_ok=True)
         (ctx.work / "tokenize").mkdir(parents=True, exist_ok=True)
         ex.map("tokenize+shard", partial(_tokenize, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")
@@ -312,7 +326,7 @@ class Finalize(Stage):
         sp = spm.SentencePieceProcessor(model_file=str(ctx.model_file))
         vocab = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
                  "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
-        stats = aggregate(prep, toks)
+        stats = aggregate(prep, toks, off=ctx.dedup_off)
         stats["splits"] = {s: {k: sum(t["splits"][s][k] for t in toks) for k in ("documents", "tokens")} for s in ("train", "validation")}
         stats["bad_input_examples"] = _examples(ctx, 20)
         if not stats["accounting"]["ok"]:

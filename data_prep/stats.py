@@ -7,7 +7,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from data_prep.records import OUTCOMES
+from data_prep.records import EXACT_DUP, NEAR_DUP, OUTCOMES
+
+# The reason a duplicate is removed under: the stage that found it, as filters name their rule.
+DEDUP_REASONS = {EXACT_DUP: f"{EXACT_DUP}:exact_dedup", NEAR_DUP: f"{NEAR_DUP}:near_dedup"}
 
 
 class Histogram:
@@ -43,7 +46,10 @@ def _add(a: dict, b: dict) -> None:
         a[k] = a.get(k, 0) + v
 
 
-def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3) -> dict:
+def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3, off: list[str] = ()) -> dict:
+    """stats.json from the prepare and tokenize tasks' counters. Every removed record has a
+    reason: prepare's (bad input, filters) and the dedup stage that removed it (tokenize counts
+    those). `off`: the dedup stages the config switched off, marked in the stage table."""
     records: dict = {}
     nbytes: dict = {}
     reasons: dict = {}
@@ -59,15 +65,17 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason
         _add(byt, t["bytes"])
         _add(records, rec)
         _add(nbytes, byt)
-        _add(reasons, p["reasons"])
-        _add(reason_bytes, p["reason_bytes"])
+        why = {**p["reasons"], **{r: t["records"][o] for o, r in DEDUP_REASONS.items() if t["records"].get(o)}}
+        why_bytes = {**p["reason_bytes"], **{r: t["bytes"][o] for o, r in DEDUP_REASONS.items() if t["records"].get(o)}}
+        _add(reasons, why)
+        _add(reason_bytes, why_bytes)
         _add(filter_inputs, dict(p["filter_inputs"]))  # a list of pairs: keeps the filters' order
         src = per_source.setdefault(p["source"], {"records": {}, "bytes": {}, "tokens": 0, "reasons": {},
                                                   "reason_bytes": {}, "samples": {}})
         _add(src["records"], rec)
         _add(src["bytes"], byt)
-        _add(src["reasons"], p["reasons"])
-        _add(src["reason_bytes"], p["reason_bytes"])
+        _add(src["reasons"], why)
+        _add(src["reason_bytes"], why_bytes)
         for reason, docs in p.get("samples", {}).items():
             have = src["samples"].setdefault(reason, [])
             have.extend(docs[: max_examples_per_reason - len(have)])
@@ -92,15 +100,17 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason
         "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
         "reasons": dict(sorted(reasons.items())),
         "reason_bytes": dict(sorted(reason_bytes.items())),
-        "stages": _stage_table(records, nbytes, reasons, reason_bytes, filter_inputs),
+        "stages": _stage_table(records, nbytes, reasons, reason_bytes, filter_inputs, off),
         "sources": dict(sorted(per_source.items())),
         "histograms": {"document_chars": chars.to_json(), "document_tokens": tokens.to_json()},
     }
 
 
-def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict, filter_inputs: dict) -> list[dict]:
+def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict, filter_inputs: dict,
+                 off: list[str]) -> list[dict]:
     """Documents and bytes into and removed by each stage, in pipeline order. Bytes are as
-    read for records removed before cleaning finished, cleaned text after."""
+    read for records removed before cleaning finished, cleaned text after. A dedup stage that
+    is off says so (it removed nothing because it did not run, not because it found nothing)."""
     def removed(prefix: str, exclude: str | None = None) -> tuple[int, int]:
         keys = [k for k in reasons if k.startswith(prefix) and k != exclude]
         return sum(reasons[k] for k in keys), sum(reason_bytes.get(k, 0) for k in keys)
@@ -125,6 +135,8 @@ def _stage_table(records: dict, nbytes: dict, reasons: dict, reason_bytes: dict,
                  "removed_bytes": nbytes.get("near_duplicate", 0)})
     for r in rows:
         r["out"] = r["in"] - r["removed"]
+        if r["stage"] in off:
+            r["off"] = True
     return rows
 
 
@@ -140,7 +152,8 @@ def write_summary(stats: dict, out: Path) -> str:
         lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
     lines += ["", f"Kept tokens: {stats['tokens']['kept']:,}", "", "| stage | in | removed | removed bytes | out |", "|---|---:|---:|---:|---:|"]
     for r in stats["stages"]:
-        lines.append(f"| {r['stage']} | {r['in']:,} | {r['removed']:,} | {r['removed_bytes']:,} | {r['out']:,} |")
+        name = f"{r['stage']} (off)" if r.get("off") else r["stage"]
+        lines.append(f"| {name} | {r['in']:,} | {r['removed']:,} | {r['removed_bytes']:,} | {r['out']:,} |")
     lines += ["", "| source | input | kept | bytes kept | tokens |", "|---|---:|---:|---:|---:|"]
     for name, s in stats["sources"].items():
         lines.append(f"| {name} | {s['records'].get('input', 0):,} | {s['records'].get('kept', 0):,} | "

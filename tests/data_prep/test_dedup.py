@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from prep_corpus import real_documents, tiny_config, write_jsonl
 from data_prep.config import MinHashConfig, PrepConfig
@@ -15,7 +14,8 @@ from data_prep.executor import LocalExecutor
 from data_prep.stages import STAGES, open_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from near_dedup import scattered_edits  # noqa: E402  the benchmark's edits, so both measure the same thing
+# The benchmark's edits and its reading of a run's result, so that both measure the same thing.
+from near_dedup import dedup_outcomes, scattered_edits  # noqa: E402
 
 
 def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str, str]]:
@@ -27,13 +27,7 @@ def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str,
     ex = LocalExecutor(2)
     for st in STAGES[:4]:
         st.run(ctx, ex)
-    ids = {}
-    for d in ctx.task_dirs():
-        for b in pa.ipc.open_stream(pa.memory_map(str(d / "docs.arrow"))):
-            ids.update(zip(b.column("gid").to_pylist(), b.column("id").to_pylist()))
-    removed = np.load(ctx.dedup_dir / "removed.npy")
-    kinds = {KIND_EXACT: "exact", KIND_NEAR: "near"}
-    return {ids[int(r["gid"])]: (kinds[int(r["kind"])], ids[int(r["survivor"])]) for r in removed}
+    return dedup_outcomes(ctx)
 
 
 def _jaccard(a: str, b: str) -> float:
@@ -166,3 +160,56 @@ def test_streamed_merge_in_small_blocks_decides_as_in_one_heap(monkeypatch):
     assert len(want) > 150
     assert {int(r["gid"]): (int(r["kind"]), int(r["survivor"])) for r in got} == want
     assert list(got["gid"]) == sorted(want)
+
+
+# Real short texts (Debian's fortunes package), as the fortune files have them.
+MONEY, STUPIDITY = "Money is its own reward.", "Stupidity is its own reward."
+MOUNTAIN = "A wise man can see more from a mountain top than a fool can from the bottom\nof a well."
+WELL = "A wise man can see more from the bottom of a well than a fool can from a\nmountain top."
+DYING = '"I\'m not afraid of dying, I just don\'t want to be there when it happens."\n\t\t-- Woody Allen'
+DEATH = "I'm not afraid of death -- I just don't want to be there when it happens.\n\t\t-- Woody Allen"
+FIFTH = ("Fifth Law of Procrastination:\n\tProcrastination avoids boredom; one never has the feeling that\n"
+         "\tthere is nothing important to do.")
+LAW = ("Law of Procrastination:\n\tProcrastination avoids boredom; one never has\n"
+       "\tthe feeling that there is nothing important to do.")
+
+
+def _shingles(a: str, b: str) -> tuple[int, int, float]:
+    sa, sb = shingle_sets([a, b], MinHashConfig().ngram)
+    return len(sa), len(sb), jaccard(sa, sb)
+
+
+def test_short_texts_are_merged_only_on_enough_evidence_for_their_size(tmp_path):
+    # Failed first (3-gram shingles, no size rule): "Money/Stupidity is its own reward." (3-gram
+    # Jaccard 2/4) and the mountain top / bottom of a well statement and its opposite (3-gram
+    # Jaccard 0.64) were removed as near duplicates, and so was the 14-shingle Law of
+    # Procrastination without its "Fifth".
+    assert MinHashConfig().min_shingles == 15
+    assert _shingles(MOUNTAIN, WELL)[2] < 0.5  # 16 shingles each: the threshold alone decides
+    assert _shingles(FIFTH, LAW) == (15, 14, 14 / 15)  # past the threshold, but 14 shingles
+    assert _shingles(DYING, DEATH) == (15, 15, 0.5)  # "dying" -> "death": exactly at both bounds
+    rows = [{"id": k, "text": t} for k, t in [("money", MONEY), ("stupidity", STUPIDITY), ("mountain", MOUNTAIN), ("well", WELL),
+                                               ("fifth", FIFTH), ("law", LAW), ("dying", DYING), ("death", DEATH),
+                                               ("money-again", "MONEY is its own reward!")]]
+    removed = _dedup(tmp_path, {"a.jsonl": rows})
+    # Different statements stay apart; a 14-shingle text is merged only with the same words
+    # (here: its case and punctuation differ), and a 15-shingle one with one word replaced in
+    # its middle is a near duplicate.
+    assert removed == {"money-again": ("near", "money"), "death": ("near", "dying")}
+
+
+def test_min_shingles_is_the_size_at_which_one_replaced_word_still_meets_the_threshold():
+    # The derivation in dedup.is_near_duplicate, checked on real text for each n-gram size: a
+    # document with min_shingles shingles and one word replaced in its middle reaches the
+    # threshold; one shingle fewer does not.
+    from data_prep.minhash import normalise_for_shingles
+
+    words = normalise_for_shingles(real_documents(60)[0]).decode().split()  # the words as shingled
+    for ngram, threshold in ((3, 0.5), (5, 0.5), (5, 0.7)):
+        m = MinHashConfig(ngram=ngram, threshold=threshold).min_shingles
+        for size, passes in ((m, True), (m - 1, False)):
+            text = words[: size + ngram - 1]
+            edited = text[: len(text) // 2] + ["zyzzyva"] + text[len(text) // 2 + 1 :]
+            a, b = shingle_sets([" ".join(text), " ".join(edited)], ngram)
+            assert len(a) == size and (jaccard(a, b) >= threshold) == passes, (ngram, threshold, size)
+            assert dedup.is_near_duplicate(a, b, threshold, m) == passes

@@ -87,7 +87,7 @@ def test_accounting_adds_up_and_bad_input_is_reported(prepared):
         assert rec[k] == expected[k], (k, rec)
     assert stats["reasons"] == {"bad_input:empty": 1, "bad_input:invalid_utf8": 1, "bad_input:malformed_json": 1,
                                 "bad_input:missing_text": 1, "bad_input:text_not_string": 1, "bad_input:truncated_file": 1,
-                                "filtered:too_large": 1}
+                                "filtered:too_large": 1, "exact_duplicate:exact_dedup": 1, "near_duplicate:near_dedup": 1}
     rejected = [json.loads(l) for p in (d / "out" / "work" / "prepare").glob("task-*/rejected.jsonl") for l in p.open()]
     assert {(r["id"], r["outcome"]) for r in rejected if r["reason"] == "too_large"} == {("big", "filtered")}
     assert "web/part-2.jsonl.zst could not be read to its end" in (d / "out" / "summary.md").read_text()
@@ -177,6 +177,49 @@ def test_kill_and_rerun_is_byte_identical(prepared, tmp_path):
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "work" not in p.parts)
     for f in files:
         assert (reference / f).read_bytes() == (out / f).read_bytes(), f
+
+
+# Exact only: the copy is an exact duplicate and the edited copy is kept. Near only: both are
+# near duplicates (the copy's Jaccard is 1). Neither: both are kept.
+DEDUP_OFF_CASES = {"exact-only": (True, False, {"copy-of-d0": "exact_duplicate"}),
+                   "near-only": (False, True, {"copy-of-d0": "near_duplicate", "edit-of-d1": "near_duplicate"}),
+                   "neither": (False, False, {})}
+
+
+@pytest.mark.parametrize("case", list(DEDUP_OFF_CASES))
+def test_dedup_switched_off_is_a_normal_run_that_accounts_for_every_record(tmp_path, case):
+    # A corpus deduplicated upstream runs with either dedup, or both, off. Failed first: with
+    # both off the run stopped with a FileNotFoundError traceback in "merge clusters"; with one
+    # off the duplicates had no removal reason (stats.json reasons, the summary's per-source
+    # rule table), and the summary's stage table showed the stage that did not run as if it
+    # had run and found nothing.
+    exact, near, removed = DEDUP_OFF_CASES[case]
+    docs = real_documents(120)[:12]
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)]
+    rows += [{"id": "copy-of-d0", "text": docs[0]}, {"id": "edit-of-d1", "text": docs[1] + " An edited last line."},
+             '{"id": "broken", "text": ']
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows)
+    cfg = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "id_field": "id"}],
+                      exact_dedup={"enabled": exact}, minhash={"enabled": near})
+    out = tmp_path / "out"
+    r = _cli("run", "--config", write_config(tmp_path / "c.json", cfg), "--out", out)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+    stats = json.loads((out / "stats.json").read_text())
+    outcomes = list(removed.values())
+    want = {"input": 15, "bad_input": 1, "filtered": 0, "exact_duplicate": outcomes.count("exact_duplicate"),
+            "near_duplicate": outcomes.count("near_duplicate"), "kept": 14 - len(removed)}
+    assert stats["records"] == want and stats["accounting"]["ok"]
+    # Every record read is kept or removed for a reason, in stats.json and in the summary.
+    assert stats["records"]["kept"] + sum(stats["reasons"].values()) == stats["records"]["input"]
+    summary = (out / "summary.md").read_text()
+    for reason, n in stats["reasons"].items():
+        assert f"| web | {reason} | {n} |" in summary, summary
+    for stage, on in (("exact_dedup", exact), ("near_dedup", near)):
+        assert (f"| {stage} (off) |" in summary) == (not on), summary
+    assert {x["id"]: x["outcome"] for x in _rows(out, "work/tokenize/*.duplicates.jsonl")} == removed
+    m = json.loads((out / "shards" / "manifest.json").read_text())
+    assert sum(s["documents"] for s in m["sources"].values()) == want["kept"]
 
 
 def test_errors_are_one_line_naming_file_or_field(tmp_path):
