@@ -5,6 +5,7 @@ config.py for the source of each default. Some rules (C4 lines) edit the text th
 from __future__ import annotations
 
 import re
+from itertools import compress
 
 from data_prep.config import (
     C4Config,
@@ -14,7 +15,9 @@ from data_prep.config import (
     GopherRepetitionConfig,
     LanguageConfig,
 )
-from data_prep.words import PUNCTUATION, ends_in_terminal, sentence_count
+from data_prep.langid import identifier
+from data_prep.rule_tokenizer import BoundedMemo
+from data_prep.words import PUNCTUATION, ends_in_terminal, sentence_count, word_count
 from data_prep.words import words as words_of
 
 _PARAS = re.compile(r"\n{2,}")
@@ -26,6 +29,13 @@ _C4_END = (".", "?", "!", '"', "'")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
+# What GopherQuality asks of each token: a word is a token with a character that is not
+# punctuation ("," and "--" are not); the alpha ratio counts tokens with a letter. Memoised per
+# distinct token (bounded like the splitter's caches): list.count then does the counting.
+_REAL, _ALPHA = 1, 2
+_IS_SYMBOL = {0: True, _REAL: False, _ALPHA: True, _REAL | _ALPHA: False}
+_WORD_KIND = BoundedMemo(lambda w: (_REAL if w.strip(_PUNCT) else 0) | (_ALPHA if any(map(str.isalpha, w)) else 0), 1 << 17)
+
 # Each rule below follows datatrove 0.10.1's filter of the same name (the implementation
 # FineWeb used) step for step, with the same words (data_prep.words); the removal reasons are
 # ours.
@@ -34,20 +44,21 @@ _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "u
 class GopherQuality:
     name = "gopher_quality"
 
-    def __init__(self, cfg: GopherQualityConfig, splitter: str = "spacy"):
+    def __init__(self, cfg: GopherQualityConfig, splitter: str = "rules"):
         self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
         words = words_of(rec, self.splitter)
         n = len(words)
-        # A word is a token with a character that is not punctuation ("," and "--" are not).
-        real = [w for w in words if w.strip(_PUNCT)]
-        if len(real) < c.min_doc_words:
+        kinds = list(map(_WORD_KIND.__getitem__, words))
+        n_real = kinds.count(_REAL) + kinds.count(_REAL | _ALPHA)
+        if n_real < c.min_doc_words:
             return "min_doc_words"
-        if len(real) > c.max_doc_words:
+        if n_real > c.max_doc_words:
             return "max_doc_words"
-        avg = sum(map(len, real)) / len(real)
+        symbols = compress(words, map(_IS_SYMBOL.__getitem__, kinds))
+        avg = (sum(map(len, words)) - sum(map(len, symbols))) / n_real
         if avg < c.min_avg_word_length:
             return "min_avg_word_length"
         if avg > c.max_avg_word_length:
@@ -62,7 +73,7 @@ class GopherQuality:
         if sum(l.rstrip().endswith(("...", "…")) for l in lines) / len(lines) > c.max_ellipsis_lines_ratio:
             return "ellipsis_lines_ratio"
         # Every token counts here, punctuation included: the 80% is of tokens with a letter.
-        if sum(1 for w in words if any(map(str.isalpha, w))) / n < c.max_non_alpha_words_ratio:
+        if (kinds.count(_ALPHA) + kinds.count(_REAL | _ALPHA)) / n < c.max_non_alpha_words_ratio:
             return "alpha_words_ratio"
         if len(_STOP_WORDS.intersection(words)) < c.min_stop_words:
             return "stop_words"
@@ -85,7 +96,7 @@ def _dup_stats(items: list[str]) -> tuple[int, int]:
 class GopherRepetition:
     name = "gopher_repetition"
 
-    def __init__(self, cfg: GopherRepetitionConfig, splitter: str = "spacy"):
+    def __init__(self, cfg: GopherRepetitionConfig, splitter: str = "rules"):
         self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
@@ -118,7 +129,9 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
     count; ties go to the n-gram seen first, as Counter.most_common does.
     duplicated n-grams: a left-to-right scan that counts the characters of an n-gram seen
     before and then jumps past it, so overlapping repeats are counted once (datatrove's
-    find_all_duplicate)."""
+    find_all_duplicate). Only n-grams that occur more than once can be found in `seen`, so
+    the scan visits their positions alone: the others only ever go into `seen`, where no one
+    asks for them (most of a document, whose positions cost nothing then)."""
     import numpy as np
 
     ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
@@ -144,21 +157,30 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
         start = int(first[counts == best].min())
         if (cum[start + k] - cum[start] + k - 1) * int(best) / text_chars > frac:
             return f"top_{k}_gram"
+    repeats: dict[int, np.ndarray] = {}  # k -> whether the k-gram at each position occurs twice or more
     for k, frac in dup_n_grams:
         if k not in hashes:
             continue
+        # A k-gram that repeats is made of two (k-1)-grams that repeat: only those positions
+        # can hold one, and counting among them alone finds every repeat.
+        m = len(hashes[k])
+        prev = repeats.get(k - 1)
+        cand = np.arange(m) if prev is None else np.flatnonzero(prev[:m] & prev[1 : m + 1])
+        _, inverse, counts = np.unique(hashes[k][cand], return_inverse=True, return_counts=True)
+        many = counts[inverse] > 1
+        positions, inverse = cand[many], inverse[many]
+        repeats[k] = np.zeros(m, dtype=bool)
+        repeats[k][positions] = True
         seen: set[int] = set()
-        repeated = i = 0
-        hk = hashes[k].tolist()
-        m = len(hk)
-        while i < m:
-            g = hk[i]
+        repeated = nxt = 0
+        for i, g in zip(positions.tolist(), inverse.tolist()):
+            if i < nxt:  # inside an n-gram already counted: skipped, as the scan jumps past it
+                continue
             if g in seen:
                 repeated += int(cum[i + k] - cum[i])
-                i += k
+                nxt = i + k
             else:
                 seen.add(g)
-                i += 1
         if repeated / text_chars > frac:
             return f"dup_{k}_gram"
     return None
@@ -169,7 +191,7 @@ class C4Rules:
 
     name = "c4"
 
-    def __init__(self, cfg: C4Config, splitter: str = "spacy"):
+    def __init__(self, cfg: C4Config, splitter: str = "rules"):
         self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
@@ -178,7 +200,7 @@ class C4Rules:
         for line in rec.text.splitlines():
             line = line.strip()
             words = line.split()
-            if any(len(w) > c.max_word_length for w in words):
+            if len(line) > c.max_word_length and any(len(w) > c.max_word_length for w in words):
                 continue
             line = _CITATION.sub("", line)
             if c.remove_lines_without_terminal_punct and (not line.endswith(_C4_END) or line.endswith("...")):
@@ -206,7 +228,7 @@ class C4Rules:
 class FineWebRules:
     name = "fineweb"
 
-    def __init__(self, cfg: FineWebConfig, splitter: str = "spacy"):
+    def __init__(self, cfg: FineWebConfig, splitter: str = "rules"):
         self.c, self.splitter = cfg, splitter
 
     def __call__(self, rec) -> str | None:
@@ -221,28 +243,19 @@ class FineWebRules:
         _, dup_chars = _dup_stats(lines)
         if dup_chars / len(text.replace("\n", "")) > c.char_duplicates_ratio:
             return "char_dup_ratio"
-        if text.count("\n") / max(len(words_of(rec, self.splitter)), 1) > c.new_line_ratio:
+        if text.count("\n") / max(word_count(rec, self.splitter), 1) > c.new_line_ratio:
             return "new_line_ratio"
         return None
 
 
 class LanguageFilter:
     name = "language"
-    _identifier = None  # one model per process, loaded on first use
 
     def __init__(self, cfg: LanguageConfig):
         self.c = cfg
 
-    @classmethod
-    def identifier(cls):
-        if cls._identifier is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            cls._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        return cls._identifier
-
     def __call__(self, rec) -> str | None:
-        lang, score = self.identifier().classify(rec.text[: self.c.max_chars].replace("\n", " "))
+        lang, score = identifier().classify(rec.text[: self.c.max_chars].replace("\n", " "))
         if lang not in self.c.languages:
             return f"not_{'_'.join(self.c.languages)}"
         if score < self.c.min_score:

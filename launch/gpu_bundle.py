@@ -47,7 +47,7 @@ LIMIT_MIB = 40
 NOT_FOR_THE_CHECK = {
     "torch": "the GPU machine's own CUDA build is used, never replaced",
     "datasets": "data prep's `datasets` reader", "ftfy": "data prep", "zstandard": "data prep",
-    "selectolax": "data prep", "py3langid": "data prep", "spacy": "data prep's word splitter (~50 MB)",
+    "selectolax": "data prep", "py3langid": "data prep", "spacy": "the reference of data prep's word splitter, for its tests (~50 MB)",
     "regex": "data prep", "numba": "data prep", "rensa": "a data benchmark's peer", "ray": "data prep on many nodes",
     "matplotlib": "data prep's plots", "pytest": "the CPU tests", "pytest-xdist": "the CPU tests",
 }
