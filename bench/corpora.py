@@ -14,7 +14,7 @@ run `apt-get update` first on a fresh machine. None of this text was written for
   the Jargon File (jargon-text), in documents of consecutive entries (~4,000 characters).
 - docs: technical documentation and man pages: the Linux man pages (manpages, manpages-dev)
   and Perl's documentation and module pages (perl-doc), each page rendered to text by groff
-  as `man` shows it, one document per page.
+  as `man` shows it (`-k`: the UTF-8 sources decoded as UTF-8, as `man` does), one document per page.
 - markup: markup- and code-heavy text: Python 3.11's documentation as HTML and as its
   reStructuredText sources (python3.11-doc), and the man pages' roff sources, one document
   per file.
@@ -153,7 +153,7 @@ def _rendered(pages: list[Path], rel: Path):
         src = gzip.decompress(p.read_bytes())
         if src.lstrip().startswith(b".so "):  # an alias of another page
             return ""
-        r = subprocess.run(["groff", "-t", "-e", "-man", "-Tutf8", "-P-cbou"], input=src, capture_output=True)
+        r = subprocess.run(["groff", "-k", "-t", "-e", "-man", "-Tutf8", "-P-cbou"], input=src, capture_output=True)
         return r.stdout.decode("utf-8", "replace")
 
     with ThreadPoolExecutor(2) as pool:

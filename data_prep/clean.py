@@ -38,10 +38,31 @@ def html_to_text(html: str) -> str:
     return root.text(separator="", strip=False) if root is not None else ""
 
 
-def _is_bad(text: str) -> bool:
-    from ftfy.badness import is_bad
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# ftfy's badness pattern: every alternative holds a non-ASCII character and spans at most 7
+# characters ("ГўВЂВ.x"); searching only within this many characters of each run of non-ASCII
+# characters finds a match wherever the whole-text search does.
+_BADNESS_REACH = 16
 
-    return is_bad(text)
+
+def _is_bad(text: str) -> bool:
+    """ftfy.badness.is_bad(text), searched only around non-ASCII characters. The whole-text
+    search tries the pattern's 40-odd alternatives at every position (~8 MB/s); web and
+    documentation text is mostly ASCII with a few curly quotes or dashes, so this looks at a
+    small part of it. `^` in the pattern still matches only at the text's start: `search`
+    from a later position does not treat that position as a start."""
+    from ftfy.badness import BADNESS_RE
+
+    search, n = BADNESS_RE.search, len(text)
+    start = end = -1
+    for m in _NON_ASCII.finditer(text):
+        lo, hi = max(0, m.start() - _BADNESS_REACH), min(n, m.end() + _BADNESS_REACH)
+        if lo > end:  # a new window: search the one before
+            if end > start and search(text, start, end):
+                return True
+            start = lo
+        end = hi
+    return end > start and search(text, start, end) is not None
 
 
 class Cleaner:

@@ -149,15 +149,18 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
                 break
             h = h[:m] * mult + ids[k - 1 : k - 1 + m]
             hashes[k] = h
+    repeats: dict[int, np.ndarray] = {}  # k -> whether the k-gram at each position occurs twice or more
     for k, frac in top_n_grams:
         if k not in hashes:
             continue
-        _, first, counts = np.unique(hashes[k], return_index=True, return_counts=True)
+        order, starts, counts = _groups(hashes[k])
         best = counts.max()
-        start = int(first[counts == best].min())
+        # The most frequent n-gram's first position: the smallest position among its group's.
+        start = int(np.minimum.reduceat(order, starts)[counts == best].min())
         if (cum[start + k] - cum[start] + k - 1) * int(best) / text_chars > frac:
             return f"top_{k}_gram"
-    repeats: dict[int, np.ndarray] = {}  # k -> whether the k-gram at each position occurs twice or more
+        repeats[k] = np.zeros(len(order), dtype=bool)
+        repeats[k][order[np.repeat(counts > 1, counts)]] = True
     for k, frac in dup_n_grams:
         if k not in hashes:
             continue
@@ -166,9 +169,11 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
         m = len(hashes[k])
         prev = repeats.get(k - 1)
         cand = np.arange(m) if prev is None else np.flatnonzero(prev[:m] & prev[1 : m + 1])
-        _, inverse, counts = np.unique(hashes[k][cand], return_inverse=True, return_counts=True)
-        many = counts[inverse] > 1
-        positions, inverse = cand[many], inverse[many]
+        order, starts, counts = _groups(hashes[k][cand])
+        group = np.empty(len(cand), dtype=np.int64)  # each candidate's group: equal n-grams, equal numbers
+        group[order] = np.repeat(np.arange(len(counts)), counts)
+        many = counts[group] > 1
+        positions, inverse = cand[many], group[many]
         repeats[k] = np.zeros(m, dtype=bool)
         repeats[k][positions] = True
         seen: set[int] = set()
@@ -184,6 +189,18 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
         if repeated / text_chars > frac:
             return f"dup_{k}_gram"
     return None
+
+
+def _groups(values):
+    """Equal values of a 1-D array: (the positions in sorted order, where each group starts in
+    it, each group's size). One unstable sort: np.unique's return_index needs a stable one,
+    which is slower on hashes, and the smallest position of a group is a reduceat away."""
+    import numpy as np
+
+    order = np.argsort(values, kind="quicksort")
+    s = values[order]
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    return order, starts, np.diff(np.append(starts, len(values)))
 
 
 class C4Rules:

@@ -107,6 +107,34 @@ def test_cleaning_repairs_mojibake_and_normalises():
     assert h.clean("<html><head><script>x=1</script></head><body><p>Hello <b>world</b></p><p>Two</p></body></html>") == "Hello world\nTwo"
 
 
+def test_mojibake_is_found_wherever_ftfy_finds_it():
+    """The cleaner looks for ftfy's mojibake pattern only around non-ASCII characters; it must
+    decide as ftfy.badness.is_bad does on the whole text: on real documents (the installed
+    packages' metadata and docs, non-ASCII ones) and on random mixtures of the characters the
+    pattern is made of, placed near a text's start, end and far inside ASCII."""
+    import random
+    import sysconfig
+
+    from ftfy.badness import MOJIBAKE_CATEGORIES, is_bad
+
+    from data_prep.clean import _is_bad
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(site.glob("*.dist-info/METADATA"))]
+    texts = [t for t in texts if not t.isascii()]
+    assert len(texts) > 20
+    assert [_is_bad(t) for t in texts] == [is_bad(t) for t in texts]
+    pool = [c for c in "".join(MOJIBAKE_CATEGORIES.values()) + "ÃÂØÙàœŒ×²³√±∂≈°‚ÄâóвЂГўВСРβ€ΒΓΞΟā" if c != "-"]
+    rng = random.Random(0)
+    found = 0
+    for _ in range(20_000):
+        s = "".join(rng.choice(pool) if rng.random() < 0.3 else rng.choice("ab ,.\nz") for _ in range(rng.randint(1, 12)))
+        for text in (s, "x" * 40 + s, s + "y" * 40 + s, "Ã " + "z" * 30 + s):
+            assert _is_bad(text) == is_bad(text), repr(text)
+            found += is_bad(text)
+    assert 1000 < found < 70_000  # both outcomes are well represented
+
+
 def test_plan_text_files_and_dataset_dict(tmp_path):
     import datasets
 
