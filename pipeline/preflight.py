@@ -6,8 +6,8 @@ The trainer runs the same checks at start-up. Each failure is one line, and ever
 listed, not just the first:
 
   * data: the manifest exists and is readable; its shards exist and are not empty; the train split
-    holds at least one sample, and so does the validation split when the run evaluates; the
-    mixture names sources the manifest has
+    holds at least one sample, and so does the validation split when the run evaluates (an empty
+    one is refused too: evaluation is never silently off); the mixture names sources the manifest has
   * tokenizer: the model file exists, its sha256 is the one the manifest records, its vocabulary
     and BOS/EOS ids are the manifest's, and the profile's model.vocab_size covers it
   * topology: the world size is a multiple of the pipeline stages (data × pipeline = world)
@@ -73,7 +73,11 @@ def check_data(raw: ProfileFile, manifest_path: str | Path) -> tuple[list[str], 
         failures.append(f"data: {manifest.path}: the train split holds {train_tokens} tokens, fewer than one sample "
                         f"of data.seq_len={raw.data.seq_len}")
     val_tokens = sum(s.tokens for s in manifest.split_shards("validation"))
-    if raw.train.eval_every and manifest.split_shards("validation") and val_tokens <= raw.data.seq_len:
+    if raw.train.eval_every and not manifest.split_shards("validation"):
+        failures.append(f"data: {manifest.path}: the validation split is empty, but train.eval_every="
+                        f"{raw.train.eval_every} evaluates; prepare the data again with a larger "
+                        "shards.validation_fraction, or set train.eval_every=0 to train without evaluation")
+    elif raw.train.eval_every and val_tokens <= raw.data.seq_len:
         failures.append(f"data: {manifest.path}: the validation split holds {val_tokens} tokens, fewer than one "
                         f"sample of data.seq_len={raw.data.seq_len}; prepare more validation data or set "
                         "train.eval_every=0")

@@ -90,6 +90,24 @@ def test_validation_split_must_hold_a_sample_when_the_run_evaluates(prep, tmp_pa
     assert run_preflight(_raw(*longer, "train.eval_every=0"), manifest, tmp_path / "run", 2) == []
 
 
+def test_an_empty_validation_split_is_refused_when_the_run_evaluates(prep, tmp_path, capsys):
+    """A small prepared set can get no validation document at all; evaluation then used to be
+    off without a word. Through the CLI: one line saying how to get a split, nothing started."""
+    manifest = prep / "shards" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert any(s["split"] == "validation" for s in m["shards"])
+    m["shards"] = [s for s in m["shards"] if s["split"] != "validation"]  # as data prep writes a set without one
+    m["splits"].pop("validation", None)
+    manifest.write_text(json.dumps(m))
+    args = ["--profile", str(TINY), "--out", str(tmp_path / "run"), "--world-size", "2", "--manifest", str(manifest)]
+    assert main([*args, "--set", "train.eval_every=1"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"preflight: data: {manifest}: the validation split is empty, but train.eval_every=1 evaluates; "
+                   "prepare the data again with a larger shards.validation_fraction, or set train.eval_every=0 "
+                   "to train without evaluation", "preflight: 1 problem(s); nothing was started"]
+    assert main([*args, "--set", "train.eval_every=0"]) == 0  # the way to train without evaluation
+
+
 def test_tokenizer_vocabulary_must_match_the_manifest(prep, tmp_path):
     manifest = prep / "shards" / "manifest.json"
     m = json.loads(manifest.read_text())
