@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--executor", choices=["local", "ray"], default=None, help="override executor.type")
         c.add_argument("--workers", type=_positive, default=None, help="override executor.workers (default: all cores)")
         c.add_argument("--ray-address", default=None, help="override executor.ray_address, e.g. 'auto'")
+        c.add_argument("--strict", action="store_true",
+                       help="exit 1 when the finished run lost input: a file not read to its end, or bad records")
     c = sub.add_parser("config", help="print the resolved config (defaults filled in) as JSON",
                        description="print the resolved config (defaults filled in) as JSON")
     c.add_argument("--config", type=Path, default=None, help="prep config JSON (default: the demo config)")
@@ -80,10 +83,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out
     print(f"done in {time.time() - t0:.1f}s: {args.command}", file=sys.stderr)
-    if "finalize" in wanted:
-        print(f"shards + manifest: {out / 'shards' / 'manifest.json'}")
-        print(f"tokenizer:         {out / 'tokenizer'}")
-        print(f"stats:             {out / 'stats.json'}  summary: {out / 'summary.md'}  plots: {out / 'plots'}")
-    else:
+    if "finalize" not in wanted:
         print(f"outputs under {out}")
+        return 0
+    print(f"shards + manifest: {out / 'shards' / 'manifest.json'}")
+    print(f"tokenizer:         {out / 'tokenizer'}")
+    print(f"stats:             {out / 'stats.json'}  summary: {out / 'summary.md'}  plots: {out / 'plots'}")
+    lost = input_losses(json.loads((out / "stats.json").read_text()))
+    for line in lost:
+        print(f"warning: {line}", file=sys.stderr)
+    if lost and args.strict:
+        print(f"error: --strict: the run lost input ({len(lost)} line(s) above; details in {out / 'summary.md'})",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def input_losses(stats: dict) -> list[str]:
+    """One line per file not read to its end, and one counting the bad records by reason (empty
+    documents are not bad input: an empty text is a valid record with nothing to keep)."""
+    lines = [f"{f['file']} could not be read to its end: {f['records_read']:,} records read before the cut; "
+             "the rest of the file is not in the output" for f in stats["accounting"].get("incomplete_files", [])]
+    bad = {r.split(":", 1)[1]: n for r, n in stats["reasons"].items()
+           if r.startswith("bad_input:") and r not in ("bad_input:empty", "bad_input:truncated_file")}
+    if bad:
+        lines.append(f"{sum(bad.values()):,} bad input record(s) were not used: "
+                     + ", ".join(f"{reason} {n:,}" for reason, n in sorted(bad.items()))
+                     + " (examples with file and line in stats.json bad_input_examples)")
+    return lines

@@ -105,6 +105,21 @@ def test_accounting_adds_up_and_bad_input_is_reported(prepared):
     assert {p.name for p in (d / "out" / "plots").iterdir()} == {"outcomes.png", "document_chars.png", "document_tokens.png"}
 
 
+def test_the_console_names_lost_input_and_strict_makes_it_an_error(prepared):
+    # Failed first: the run ended with "done" alone; the cut file and bad records were only in
+    # summary.md and stats.json.
+    d, _, r = prepared
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning: ")]
+    assert warnings[0].startswith("warning: web/part-2.jsonl.zst could not be read to its end: ")
+    assert warnings[1].startswith("warning: 4 bad input record(s) were not used: invalid_utf8 1, malformed_json 1, "
+                                  "missing_text 1, text_not_string 1 ")
+    assert len(warnings) == 2
+    strict = _cli("finalize", "--config", d / "prep.json", "--out", d / "out", "--strict")
+    assert strict.returncode == 1, strict.stderr[-2000:]
+    assert [l for l in strict.stderr.splitlines() if l.startswith("warning: ")] == warnings
+    assert strict.stderr.splitlines()[-1].startswith("error: --strict: the run lost input (2 line(s) above")
+
+
 def test_manifest_and_shards_follow_the_contract(prepared):
     import datasets
     import sentencepiece as spm
