@@ -85,6 +85,42 @@ class Context:
         return sizes
 
 
+# What each output depends on, by config field prefix ("" is every field). A config may change
+# under an existing --out as long as nothing on disk depends on a changed field: the retry after
+# "vocab_size is more than the sample supports" keeps the prepared and deduplicated work.
+_PREPARED = ("sources", "read", "clean", "filters", "filter_sets", "minhash", "exact_dedup", "output")
+_SAMPLE = (*_PREPARED, "tokenizer.sample_bytes", "shards.validation_fraction", "shards.split_seed")
+_DEPENDS = (("work/plan.json", ("sources",)), ("work/prepare", _PREPARED), ("work/dedup", _PREPARED),
+            ("work/sample", _SAMPLE), ("work/tokenizer_sample.txt", _SAMPLE),
+            ("tokenizer/tokenizer.model", (*_SAMPLE, "tokenizer")), ("work/tokenize", ("",)),
+            ("shards/manifest.json", ("",)), ("stats.json", ("",)))
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(value, list) and any(isinstance(x, (dict, list)) for x in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _flat(sub, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
+def _refuse_change(out: Path, old: dict, new: dict) -> None:
+    """StageError naming the first changed field that an existing output depends on."""
+    before, after = _flat(old), _flat(new)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, "(unset)") != after.get(k, "(unset)"))
+    for rel, prefixes in _DEPENDS:
+        path = out / rel
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            continue
+        hit = [k for k in changed if any(k == p or k.startswith((f"{p}.", f"{p}[")) or not p for p in prefixes)]
+        if hit:
+            k = hit[0]
+            more = f" (and {len(hit) - 1} more field(s))" if len(hit) > 1 else ""
+            raise StageError(f"{out}: {k} changed from {before.get(k, '(unset)')!r} to {after.get(k, '(unset)')!r}{more}, "
+                             f"but {path} was made with the old value; use a new --out, or remove it and what comes "
+                             "after it to redo it")
+
+
 def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
     """Create OUT/work, or check that an existing one was made by the same config. A new plan
     has its cut files' line numbers counted by `ex` (default: this process)."""
@@ -94,10 +130,9 @@ def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / "config.json"
     resolved = canonical_json(cfg.resolved())
-    if cfg_file.exists():
-        if cfg_file.read_text() != resolved:
-            raise StageError(f"{out}: was prepared with a different config ({cfg_file}); use a new --out")
-    else:
+    if not cfg_file.exists() or cfg_file.read_text() != resolved:
+        if cfg_file.exists():
+            _refuse_change(out, json.loads(cfg_file.read_text()), cfg.resolved())
         atomic_write_text(cfg_file, resolved)
     plan_file = work / "plan.json"
     if not plan_file.exists():

@@ -48,6 +48,16 @@ def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
     big = tiny_config(src, tokenizer={"vocab_size": 20000}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", big), "--out", tmp_path / "v"])
     assert "tokenizer.vocab_size: 20000 is more than the training sample supports (at most" in msg
+    # Following the advice with the same --out works (failed first: "was prepared with a different
+    # config"): nothing on disk depends on the vocabulary yet.
+    most = int(msg.split("(at most ")[1].split(")")[0])
+    lower = tiny_config(src, tokenizer={"vocab_size": min(most, 400)}, executor={"workers": 1})
+    assert main(["run", "--config", str(write_config(tmp_path / "v.json", lower)), "--out", str(tmp_path / "v")]) == 0
+    # A change that the prepared work depends on is refused, naming the field, both values and the output.
+    pii = tiny_config(src, tokenizer={"vocab_size": min(most, 400)}, clean={"pii": True}, executor={"workers": 1})
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", pii), "--out", tmp_path / "v"])
+    assert msg == (f"error: {tmp_path / 'v'}: clean.pii changed from False to True, but {tmp_path / 'v' / 'work' / 'prepare'} "
+                   "was made with the old value; use a new --out, or remove it and what comes after it to redo it")
     strict = tiny_config(src, filters={"language": {"enabled": True, "languages": ["de"]}}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "f.json", strict), "--out", tmp_path / "f"])
     assert "no document is left after reading and filtering (6 input records; filtered:language:not_de 6)" in msg
