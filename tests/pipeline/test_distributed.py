@@ -164,16 +164,49 @@ COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
                "broadcast_object_list", "all_gather_object", "barrier", "send", "recv", "isend", "irecv"}
 
 
+COLLECTIVE_MODULES = {"torch.distributed", "deepspeed.comm"}
+
+
+def collective_calls(source: str) -> list[str]:
+    """`LINE: NAME` for each collective that `source` reaches other than through pipeline/distributed.py:
+    attributes of torch.distributed or deepspeed.comm under any name they were imported as
+    (`import torch.distributed as xyz`, `from torch import distributed`), and collectives imported
+    by name (`from torch.distributed import all_reduce`)."""
+    tree = ast.parse(source)
+    modules = set(COLLECTIVE_MODULES) | {"dist"}  # `dist` as the module is conventionally named
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name in COLLECTIVE_MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in COLLECTIVE_MODULES:
+                    modules.add(a.asname or a.name)
+                elif node.module in COLLECTIVE_MODULES and a.name in COLLECTIVES:
+                    found.append(f"{node.lineno}: from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in modules:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_collective_check_sees_aliases_and_from_imports():
+    source = ("import torch.distributed as xyz\n"
+              "from torch.distributed import all_reduce\n"
+              "from torch import distributed as d\n"
+              "from deepspeed import comm\n"
+              "xyz.broadcast(t, 0)\n"
+              "all_reduce(t)\n"
+              "d.barrier()\n"
+              "comm.all_gather(ts, t)\n"
+              "torch.distributed.get_rank()\n")
+    assert collective_calls(source) == ["2: from torch.distributed import all_reduce", "5: xyz.broadcast",
+                                        "7: d.barrier", "8: comm.all_gather"]
+
+
 def test_collectives_are_called_only_through_pipeline_distributed():
     """Complements the runs above, which can only exercise call sites they know: any other
     module calling torch.distributed collectives directly would bypass the device rule."""
-    offenders = []
-    for path in sorted((REPO / "pipeline").rglob("*.py")):
-        if path.name == "distributed.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
-                target = ast.unparse(node.value)
-                if target in ("torch.distributed", "dist", "deepspeed.comm"):
-                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {target}.{node.attr}")
+    offenders = [f"{path.relative_to(REPO)}:{found}" for path in sorted((REPO / "pipeline").rglob("*.py"))
+                 if path.name != "distributed.py" for found in collective_calls(path.read_text())]
     assert not offenders, offenders
