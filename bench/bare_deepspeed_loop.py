@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from peer_args import peer_parser  # noqa: E402
 from pipeline.config import Profile, load_profile  # noqa: E402
 from pipeline.data import Manifest, micro_batch_positions, open_split  # noqa: E402
-from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.distributed import exit_process, init_distributed, shutdown  # noqa: E402
 from pipeline.engines.blocks import prepare_blocks  # noqa: E402
 from pipeline.engines.pipe import build_pipeline_module  # noqa: E402
 from pipeline.engines.zero import build_model  # noqa: E402
@@ -96,7 +96,9 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     if rank == 0:
         Path(args.out).write_text(json.dumps({"step_times": times, "peak_mem_gib": peak}))
+    shutdown()  # the trainer's end: every rank done, then the process group torn down
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as the trainer: no interpreter teardown racing gloo's threads (the exit -6)

@@ -350,13 +350,13 @@ def test_bad_zero3_checkpoints(zero3_run, tmp_path, capsys):
     model1.write_bytes(saved)
 
     meta = z3(run) / "meta.json"  # the trainer's own record of the tag
-    if meta.exists():
-        saved = meta.read_text()
-        meta.write_text(json.dumps({**json.loads(saved), "data_parallel_size": 4}))
-        expect_error(capsys, run, out, "data_parallel_size 4 but the ZeRO-3 files were saved by 2 ranks")
-        meta.write_text(json.dumps({**json.loads(saved), "step": 2}))
-        expect_error(capsys, run, out, f"step 2 but the DeepSpeed files were saved at step {STEPS}")
-        meta.write_text(saved)
+    assert meta.is_file(), f"the trainer wrote no {meta.name} beside its ZeRO-3 checkpoint"
+    saved = meta.read_text()
+    meta.write_text(json.dumps({**json.loads(saved), "data_parallel_size": 4}))
+    expect_error(capsys, run, out, "data_parallel_size 4 but the ZeRO-3 files were saved by 2 ranks")
+    meta.write_text(json.dumps({**json.loads(saved), "step": 2}))
+    expect_error(capsys, run, out, f"step 2 but the DeepSpeed files were saved at step {STEPS}")
+    meta.write_text(saved)
 
     for f in sorted(z3(run).glob("*_model_states.pt")):  # a parameter our model does not have
         state = torch.load(f, weights_only=False)
