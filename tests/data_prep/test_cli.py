@@ -78,3 +78,14 @@ def test_a_directory_source_reads_no_json_files(tmp_path):
                           cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {src}: directory has no .jsonl/.jsonl.gz/"), proc.stderr
+
+
+def test_a_text_field_in_no_record_is_named_with_the_fields_present(tmp_path):
+    data = tmp_path / "in" / "a.jsonl"
+    write_jsonl(data, [{"content": d, "url": f"u{i}"} for i, d in enumerate(real_documents(120)[:6])])
+    cfg = write_config(tmp_path / "prep.json", tiny_config([{"name": "web", "type": "jsonl", "paths": [str(data.parent)]}]))
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {data}: no record has the text field 'text' (its records have "
+                                                    "content, url); set sources[].text_field of source 'web'"), proc.stderr
