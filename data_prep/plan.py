@@ -22,7 +22,8 @@ from data_prep.config import PrepConfig, SourceConfig, site_packages_dir
 from data_prep.executor import report_progress
 from data_prep.readers import CODECS, ReadError
 
-JSONL_SUFFIXES = tuple(base + codec for base in (".jsonl", ".json") for codec in ("", *CODECS))
+# What a directory of a jsonl source contributes: never *.json (configs, manifests, stats lie beside data).
+JSONL_SUFFIXES = tuple(".jsonl" + codec for codec in ("", *CODECS))
 # A compressed stream can only be decoded from its start (multi-member gzip or multi-frame
 # zstd would need an index of member offsets): one task per compressed file.
 CODECS_SUFFIXES = tuple(CODECS)

@@ -117,6 +117,16 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return raw
 
 
+def first_record_fields(path: str) -> list[str]:
+    """The field names of a jsonl file's first record; [] when it is not a JSON object."""
+    try:
+        with _open_binary(path) as f:
+            obj = json.loads(f.readline(1 << 20).decode("utf-8", "replace").lstrip("\ufeff"))
+    except (ReadError, OSError, ValueError, RecursionError):
+        return []
+    return sorted(obj) if isinstance(obj, dict) else []
+
+
 def _doc_id(value, fallback: str) -> str:
     if isinstance(value, str) and value:
         return value

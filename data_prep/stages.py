@@ -23,6 +23,7 @@ from data_prep.executor import LocalExecutor
 from data_prep.io_utils import NpyAppender, atomic_write_bytes, atomic_write_text, clean_stale_tmp, staged_dir, tmp_name
 from data_prep.plan import Task, load_plan, make_plan, number_lines, save_plan
 from data_prep.prepare import run_prepare
+from data_prep.readers import first_record_fields
 from data_prep.shards import build_manifest, run_tokenize
 from data_prep.stats import aggregate, dump, write_plots, write_summary
 
@@ -316,9 +317,21 @@ def _some_document_left(ctx: Context) -> None:
         for s in stats:
             for k, v in s["reasons"].items():
                 reasons[k] = reasons.get(k, 0) + v
+        if set(reasons) == {"bad_input:missing_text"}:
+            raise StageError(_no_text_field(ctx))
         top = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
         raise StageError(f"no document is left after reading and filtering ({n} input records; {top or 'none read'}); "
                          f"see {ctx.prepare_dir}/task-*/rejected.jsonl, and disable or relax filters in the config")
+
+
+def _no_text_field(ctx: Context) -> str:
+    """Every record read lacks its text field: a wrong `text_field`, not filters, is the cause."""
+    task = next(t for t in ctx.plan if t.files)
+    src = next(s for s in ctx.cfg.sources if s.name == task.source)
+    fields = first_record_fields(task.files[0]) if task.kind == "jsonl" else []
+    present = f" (its records have {', '.join(fields)})" if fields else ""
+    return (f"{task.files[0]}: no record has the text field {src.text_field!r}{present}; "
+            f"set sources[].text_field of source '{src.name}'")
 
 
 def _train(sample: Path, out_dir: Path, tc, threads: int) -> None:

@@ -96,6 +96,12 @@ def _io_error(e: OSError, what: str) -> CheckpointError:
     return CheckpointError(f"{e.filename or what}: {what} failed: {e.strerror or e}")
 
 
+def checkpoint_tags(root: Path) -> list[str]:
+    """The complete checkpoints (`global_stepN` directories) under `root`, oldest first."""
+    dirs = [p for p in Path(root).glob("global_step*") if p.is_dir() and p.name[11:].isdigit()]
+    return [p.name for p in sorted(dirs, key=lambda p: int(p.name[11:]))]
+
+
 class Checkpoints:
     def __init__(self, root: Path, keep_last: int, conversion_timeout_s: float = 3600):
         self.root, self.keep_last, self.conversion_timeout_s = Path(root), keep_last, conversion_timeout_s
@@ -136,8 +142,7 @@ class Checkpoints:
 
     def tags(self) -> list[str]:
         """The complete checkpoints, oldest first."""
-        dirs = [p for p in self.root.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()]
-        return [p.name for p in sorted(dirs, key=lambda p: int(p.name[11:]))]
+        return checkpoint_tags(self.root)
 
     def load(self, engine, tag: str) -> dict:
         """Load `tag` into `engine` and this rank's RNG states; returns the tag's meta.json."""

@@ -10,6 +10,7 @@ of `pipeline/` goes through this module (tests/pipeline/test_distributed.py hold
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -23,10 +24,30 @@ def collective_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+# What a launcher (deepspeed, torchrun, mpirun, srun) sets; with none of them, a plain
+# `python -m pipeline.train` is a world of one process.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def _single_process_world() -> None:
+    """Without a launcher: rank 0 of a world of 1 on a free local port, instead of DeepSpeed's
+    MPI discovery (which needs mpi4py and an MPI launch)."""
+    if any(v in os.environ for v in LAUNCHER_VARIABLES):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def init_distributed() -> None:
     """DeepSpeed's process group: NCCL (or the accelerator's backend) on GPUs, gloo on the CPU."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    _single_process_world()
 
     accelerator = get_accelerator()
     # Before any collective: a CUDA process's current device is 0 until set, and DeepSpeed's

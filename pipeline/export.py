@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_reader import CheckpointError, open_checkpoint
+from pipeline.checkpoints import checkpoint_tags
 from data_prep.io_utils import staged_dir
 from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, TOKENIZER_FILES, model_shapes, parse_size, save_hf_model
 from pipeline.model import ModelConfig, Transformer
@@ -65,14 +66,17 @@ def find_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
         root = root / "checkpoints"
     if not root.is_dir():
         raise ExportError(f"{path}: not a directory")
+    have = checkpoint_tags(root)
+    if not have:
+        raise ExportError(f"{root}: no checkpoints here (no global_stepN directory); train first, or name the run "
+                          f"or checkpoints directory that holds them")
     if tag == "latest":
         latest = root / "latest"
         if not latest.exists():
-            raise ExportError(f"{root}: no 'latest' file, so no complete checkpoint; pass --tag global_stepN")
+            raise ExportError(f"{root}: no 'latest' file, so no complete checkpoint; pass --tag one of {', '.join(have)}")
         tag = latest.read_text().strip()
     if not tag or "/" in tag or not (root / tag).is_dir():
-        have = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ExportError(f"{root}: no checkpoint tagged {tag!r} (have: {', '.join(have) or 'none'})")
+        raise ExportError(f"{root}: no checkpoint tagged {tag!r} (have: {', '.join(have)})")
     return root, tag
 
 

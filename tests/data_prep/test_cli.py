@@ -1,5 +1,9 @@
 """Misconfiguration is answered by one line naming the field, file or flag (exit 2), never a
 traceback. Runs the CLI's main() in this process: the same code path as `python -m data_prep`."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from prep_corpus import real_documents, tiny_config, write_config, write_jsonl
@@ -72,3 +76,26 @@ def test_a_ray_address_where_nothing_listens_is_one_line(tmp_path, capsys):
         cfg = write_config(tmp_path / "c.json", tiny_config(_source(tmp_path)))
         msg = _error(capsys, ["run", "--config", cfg, "--out", tmp_path / "o", "--executor", "ray", "--ray-address", address])
     assert msg.startswith(f"error: Ray address {address}: cannot connect (Connection refused)"), msg
+
+
+def test_a_directory_source_reads_no_json_files(tmp_path):
+    """The config, a manifest or stats lying in the input directory are no input."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jsonl(src / "records.json", [{"text": d} for d in real_documents(120)[:6]])
+    cfg = write_config(src / "prep.json", tiny_config([{"name": "web", "type": "jsonl", "paths": [str(src)]}]))
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "prepare", "--config", str(cfg), "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {src}: directory has no .jsonl/.jsonl.gz/"), proc.stderr
+
+
+def test_a_text_field_in_no_record_is_named_with_the_fields_present(tmp_path):
+    data = tmp_path / "in" / "a.jsonl"
+    write_jsonl(data, [{"content": d, "url": f"u{i}"} for i, d in enumerate(real_documents(120)[:6])])
+    cfg = write_config(tmp_path / "prep.json", tiny_config([{"name": "web", "type": "jsonl", "paths": [str(data.parent)]}]))
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(cfg), "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {data}: no record has the text field 'text' (its records have "
+                                                    "content, url); set sources[].text_field of source 'web'"), proc.stderr

@@ -4,6 +4,8 @@ line naming the field."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,15 @@ def test_vocab_auto_needs_a_tokenizer():
     with pytest.raises(ProfileError, match=r"^tiny.json: model.vocab_size: .*tokenizer"):
         resolve(raw, "tiny.json", 2)
     assert resolve(raw, "tiny.json", 2, vocab_size=1024).model.vocab_size == 1024
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("train.steps=abc", "train.steps: expected a valid integer or 'auto', got \"abc\""),
+    ("train.precision=fp8", "train.precision: expected 'fp32', 'bf16' or 'fp16', got \"fp8\""),
+])
+def test_a_bad_set_value_is_one_line_without_pydantic_internals(tmp_path, setting, line):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--profile", str(REPO / "ds_configs" / "tiny_cpu.json"),
+                           "--out", str(tmp_path / "run"), "--set", setting], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode != 0
+    assert proc.stderr == f"error: {REPO / 'ds_configs' / 'tiny_cpu.json'}: {line}\n", proc.stderr

@@ -498,3 +498,15 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["tie_word_embeddings"] is (engine != "zero3")
     card = (out / "README.md").read_text()
     assert "| base model | org/base-3 |" in card and "license: llama3.2" in card and "from scratch" not in card
+
+
+def test_run_without_checkpoints_is_named_as_such(tmp_path):
+    """A run that saved nothing yet: no talk of tags, and `.staging` is no checkpoint."""
+    (tmp_path / "run" / "checkpoints" / ".staging" / "global_step2").mkdir(parents=True)
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no checkpoints here" in proc.stderr, proc.stderr
+    assert ".staging" not in proc.stderr and "--tag" not in proc.stderr, proc.stderr
+    assert_nothing_left(out)

@@ -11,6 +11,7 @@ import math
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from runs import (DEEPSPEED, REPO, STEPS, common, cpu_env, free_port, pipe_args, read_metrics, run_deepspeed,
                   train_losses, zero3_args, zero_args)
 from pipeline.config import load_profile
+from pipeline.distributed import LAUNCHER_VARIABLES
 from pipeline.data import Manifest, micro_batch_positions, open_split
 from pipeline.model import Transformer, causal_lm_loss
 from pipeline.optim import build_optimizer
@@ -435,3 +437,16 @@ def test_speed_switches_give_the_fp32_losses(prepared_data, zero3_run, pipe_run,
                "train.attention_backend=flash")
     steps = list(range(1, SHORT + 1))
     np.testing.assert_allclose([got[s] for s in steps], [fp32[s] for s in steps], rtol=0, atol=2e-5)
+
+
+def test_one_process_without_a_launcher_trains_and_checkpoints(prepared_data, tmp_path):
+    """`python -m pipeline.train` with no launcher: a world of one, not DeepSpeed's MPI discovery."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in cpu_env().items() if k not in LAUNCHER_VARIABLES}
+    args = zero3_args(prepared_data, out, "--set", "train.steps=3", "--set", "train.decay_steps=3",
+                      "--set", "train.checkpoint_every=3", "--set", "train.eval_every=3")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(train_losses(out)) == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "global_step3"
+    assert json.loads((out / "checkpoints" / "global_step3" / "meta.json").read_text())["world_size"] == 1
