@@ -130,11 +130,12 @@ def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / "config.json"
-    resolved = canonical_json(cfg.resolved())
-    if not cfg_file.exists() or cfg_file.read_text() != resolved:
-        if cfg_file.exists():
-            _refuse_change(out, json.loads(cfg_file.read_text()), cfg.resolved())
-        atomic_write_text(cfg_file, resolved)
+    resolved = cfg.resolved()
+    pinned = cfg_file.read_text() if cfg_file.exists() else None
+    if pinned != canonical_json(resolved):
+        if pinned is not None:
+            _refuse_change(out, json.loads(pinned), resolved)
+        atomic_write_text(cfg_file, canonical_json(resolved))
     plan_file = work / "plan.json"
     if not plan_file.exists():
         save_plan(number_lines(make_plan(cfg), ex or LocalExecutor(1)), plan_file)
