@@ -110,8 +110,10 @@ class Processes:
                         time.monotonic() - tic)
 
     def kill_group(self, pgid: int) -> None:
-        """SIGKILL the group and reap its leader; the group's other members are this process's
-        descendants (or re-parented to it), reaped by `stop_all`'s sweep."""
+        """SIGKILL the group, reap its leader and wait until no member is left running. SIGKILL
+        is delivered asynchronously, so a member may still show as running for a moment after
+        `killpg` returns; the members are this process's descendants (or re-parented to it)."""
+        members = [p for p in descendants() if _pgid(p) == pgid]
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -119,6 +121,7 @@ class Processes:
         proc = self.running.pop(pgid, None)
         if proc is not None:
             proc.wait()
+        psutil.wait_procs(members, timeout=10)
 
     def stop_all(self, wait_s: float = 10.0) -> list[int]:
         """Kill every group started and every remaining descendant, and wait for them. Returns the
@@ -135,6 +138,13 @@ class Processes:
         psutil.wait_procs(left, timeout=wait_s)
         reap_orphans()
         return [p.pid for p in before]
+
+
+def _pgid(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid)
+    except ProcessLookupError:
+        return None
 
 
 def descendants() -> list[psutil.Process]:
