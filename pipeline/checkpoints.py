@@ -5,7 +5,8 @@ Layout under RUN/checkpoints/:
     latest                  the newest *complete* tag, replaced atomically
     run_id                  made at the first start, kept across resumes, stamped into every rank's files
     global_stepN/           DeepSpeed's files (ZeRO partitions or pipeline layer files)
-        profile.json        the fully resolved profile (the export reads the model shape here)
+        profile.json        the fully resolved profile and tokenizer hash (the export reads the model
+                            shape here; a resume compares it, pipeline/resume.py)
         meta.json           step, consumed samples, global batch and the topology that wrote it
         rng/rankK.json      each rank's random number generator states
     global_stepN_universal/ made on demand when resuming on another topology

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -49,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pipeline/init_from.py); weights ignored when resuming from a checkpoint")
     p.add_argument("--remap-vocab", action="store_true",
                    help="--init-from a model whose tokenizer is not the data's: carry embedding rows over by token")
+    p.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                   help="resume although the checkpoint's FIELD differs, for a deliberate change such as "
+                        "data.seq_len for a longer context (repeatable; see pipeline/resume.py for what a resume "
+                        "compares)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -128,45 +133,66 @@ def check_preflight(profile: Profile, args: argparse.Namespace, world: int, rank
                          only_rank0=False)
 
 
-def write_run_files(ckpts: Checkpoints, profile: Profile, out: Path) -> dict:
-    """OUT/profile.json (the resolved profile, with the manifest's absolute path); returns it.
-    Removes the `preempted` mark of the previous attempt."""
+def run_profile(profile: Profile, manifest: Manifest) -> dict:
+    """What OUT/profile.json and every checkpoint record: the resolved profile, with the manifest's
+    absolute path and the tokenizer the data was made with (what a resume compares)."""
     profile_dict = profile.resolved_dict()
     profile_dict["data"]["manifest"] = str(Path(profile.data.manifest).resolve())
+    profile_dict["tokenizer"] = {"sha256": manifest.tokenizer.sha256, "vocab_size": manifest.tokenizer.vocab_size}
+    return profile_dict
+
+
+def write_run_files(ckpts: Checkpoints, profile_dict: dict, out: Path) -> None:
+    """OUT/profile.json, once the resume point has loaded: a refused or failed attempt leaves the
+    previous one. Removes the `preempted` mark of the previous attempt."""
     try:
         if distributed.rank() == 0:
             ckpts.root.mkdir(parents=True, exist_ok=True)
-            (out / "profile.json").write_text(json.dumps(profile_dict, indent=2) + "\n")
+            tmp = out / ".profile.json.tmp"
+            tmp.write_text(json.dumps(profile_dict, indent=2) + "\n")
+            os.replace(tmp, out / "profile.json")
             (out / PREEMPTED).unlink(missing_ok=True)
         ckpts.run_id  # collective: every rank learns the run's id before the first save
     except OSError as e:
         raise StartError(f"error: {e.filename or out}: {e.strerror or e}", only_rank0=False) from None
     except CheckpointError as e:
         raise StartError(f"error: {e}", only_rank0=False) from None
-    return profile_dict
+
+
+def checked_resume_tag(ckpts: Checkpoints, args: argparse.Namespace, profile_dict: dict) -> str | None:
+    """The tag to resume (None: start fresh), refused in one line when the checkpoint's profile
+    differs in a field a resume cannot change (pipeline/resume.py). From files only."""
+    from pipeline.resume import ResumeRefused, check_allow_change, check_resume, resume_tag
+
+    try:
+        check_allow_change(args.allow_change)
+        tag = resume_tag(ckpts, args.resume)
+        changed = check_resume(ckpts, tag, profile_dict, args.allow_change) if tag else []
+    except (ResumeRefused, CheckpointError) as e:
+        raise StartError(f"error: {e}") from None
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming {tag} with deliberate changes (--allow-change): {'; '.join(changed)}", flush=True)
+    return tag
 
 
 def topology_of(profile: Profile) -> dict:
     return {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
 
 
-def resume_point(ckpts: Checkpoints, resume: str, profile: Profile) -> tuple[str | None, Profile]:
-    """The tag to load (None: start fresh) and the profile to build the engine with (told to
-    read a universal checkpoint when the topology changed since the tag was written)."""
-    if resume == "none":
-        if (ckpts.root / "latest").exists():
-            raise StartError(f"error: {ckpts.root} already holds checkpoints; use --resume auto or another --out")
-        return None, profile
+def resume_point(ckpts: Checkpoints, tag: str | None, profile: Profile) -> tuple[str | None, Profile, bool]:
+    """The tag to load (None: start fresh), the profile to build the engine with (told to read a
+    universal checkpoint when the topology changed since the tag was written), and whether this
+    attempt made that universal copy."""
+    if not tag:
+        return None, profile, False
+    made = not (ckpts.root / f"{tag}_universal").is_dir()
     try:
-        tag = ckpts.latest() if resume == "auto" else resume
-        if not tag:
-            return None, profile
         load_tag, universal = ckpts.prepare_resume(tag, topology_of(profile))
     except CheckpointError as e:
         raise StartError(f"error: {e}") from None
     if universal:
         profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
-    return load_tag, profile
+    return load_tag, profile, universal and made
 
 
 def initial_weights(init, profile: Profile):
@@ -320,7 +346,7 @@ class Trainer:
 
 
 def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
-    """Everything before the first step: profile, preflight, process group, resume point, engine."""
+    """Everything before the first step: profile, resume check, preflight, process group, resume point, engine."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     # Validate everything that can be checked from files before any process group starts, so a
@@ -328,12 +354,13 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     profile, manifest = resolve_profile(args, world)
     init = adopt_init(args, profile, manifest)
     profile = init.profile if init else profile
-    check_preflight(profile, args, world, rank)
-    init_distributed()
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last, profile.train.conversion_timeout_s)
-    profile_dict = write_run_files(ckpts, profile, out)
-    load_tag, profile = resume_point(ckpts, args.resume, profile)
+    profile_dict = run_profile(profile, manifest)
+    tag = checked_resume_tag(ckpts, args, profile_dict)
+    check_preflight(profile, args, world, rank)
+    init_distributed()
+    load_tag, profile, made_universal = resume_point(ckpts, tag, profile)
     init_state = initial_weights(init, profile) if not load_tag else None
     torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
@@ -342,7 +369,8 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     del init_state
     if args.init_from and not load_tag and rank == 0:
         print(f"initialised from {args.init_from}", flush=True)
-    start_step, consumed = resume_state(ckpts, engine, load_tag, profile)
+    start_step, consumed = resume_state(ckpts, engine, load_tag, profile, made_universal)
+    write_run_files(ckpts, profile_dict, out)
     trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, preempt, start_step, consumed)
     p, t = profile, profile.train
     trainer.say(f"training {p.model.num_params() / 1e6:.2f}M parameters | engine {p.topology.engine} | "
@@ -352,17 +380,23 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     return trainer
 
 
-def resume_state(ckpts: Checkpoints, engine, load_tag: str | None, profile: Profile) -> tuple[int, int]:
+def resume_state(ckpts: Checkpoints, engine, load_tag: str | None, profile: Profile,
+                 made_universal: bool = False) -> tuple[int, int]:
     """(step, consumed samples) to continue from: (0, 0), or the checkpoint's, loaded into `engine`.
     The data position is the saved sample count, not step × batch: a run resumed with another
-    global batch (a world-size-derived batch on fewer ranks) continues with the next unseen sample."""
+    global batch (a world-size-derived batch on fewer ranks) continues with the next unseen sample.
+    A load that fails removes the universal copy this attempt made (rank 0 made it)."""
     if not load_tag:
         return 0, 0
     rank = distributed.rank()
     try:
         meta = ckpts.load(engine, load_tag)
-    except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
-        raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
+    except BaseException as e:  # this rank's files; the launcher stops the other ranks
+        if made_universal and rank == 0:
+            shutil.rmtree(ckpts.root / load_tag, ignore_errors=True)
+        if isinstance(e, CheckpointError):
+            raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
+        raise
     step, consumed = meta["step"], meta["consumed_samples"]
     saved_batch = meta.get("global_batch_size", consumed // max(step, 1))
     if rank == 0:
