@@ -249,7 +249,8 @@ def run_ours(corpus: Path, work: Path, workers: int, minhash: dict) -> tuple[dic
     ctx = open_context(cfg, work)
     ex = LocalExecutor(workers)
     t0 = time.perf_counter()
-    for st in STAGES[:4]:  # prepare (read, clean, signatures) and dedup
+    # prepare (read, clean, signatures) and dedup; not the id check, which datatrove has no part like
+    for st in (st for st in STAGES if st.command in ("prepare", "dedup") and st.name != "duplicate_ids"):
         st.run(ctx, ex)
     seconds = time.perf_counter() - t0
     return dedup_outcomes(ctx), seconds, cfg.minhash.model_dump()

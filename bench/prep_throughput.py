@@ -114,6 +114,7 @@ def run_ours(corpus: Path, model: Path, work: Path, workers: int, filters: dict 
         t[st.name] = time.perf_counter() - t0
     return {"read+filter+signatures": t["prepare"],
             "dedup (buckets+cluster)": t["exact_dedup"] + t["near_dedup"] + t["merge_dedup"],
+            "duplicate ids": t["duplicate_ids"],  # no datatrove counterpart: in the whole pipeline only
             "tokenize+write": t["tokenize"],
             "finalize (manifest, stats, plots)": t["train_tokenizer"] + t["finalize"],
             "kept_docs": json.loads((work / "stats.json").read_text())["records"]["kept"],
@@ -351,8 +352,8 @@ def main() -> None:
             print(f"  {k:<26}{v:8.2f} MB/s per core  {v / a['datatrove']:5.1f}x datatrove's filter chain alone")
     t_raw = raw_encode_s(texts, model)
     raw = mb / t_raw
-    total = lambda r: sum(r[k] for k in ("read+filter+signatures", "dedup (buckets+cluster)", "tokenize+write",  # noqa: E731
-                                         "finalize (manifest, stats, plots)"))
+    total = lambda r: sum(r[k] for k in ("read+filter+signatures", "dedup (buckets+cluster)", "duplicate ids",  # noqa: E731
+                                         "tokenize+write", "finalize (manifest, stats, plots)"))
     print(f"\n(c) the whole pipeline, {W} worker(s), against SentencePiece's raw encode of the same text (one thread):")
     print(f"  SentencePiece raw encode  {raw:8.2f} MB/s")
     for k in ("filters off", "web rules, language off", "web rules + language"):

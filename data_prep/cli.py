@@ -9,9 +9,10 @@ from pathlib import Path
 
 COMMANDS = {
     "run": ("every stage, in order (resumes where a killed run stopped)",
-            ["prepare", "exact_dedup", "near_dedup", "merge_dedup", "train_tokenizer", "tokenize", "finalize"]),
-    "prepare": ("read, clean, filter; text hashes and MinHash signatures per input task", ["prepare"]),
-    "dedup": ("exact and MinHash near-duplicate deduplication over the whole corpus", ["exact_dedup", "near_dedup", "merge_dedup"]),
+            ["prepare", "duplicate_ids", "exact_dedup", "near_dedup", "merge_dedup", "train_tokenizer", "tokenize", "finalize"]),
+    "prepare": ("read, clean, filter; text and id hashes and MinHash signatures per input task", ["prepare"]),
+    "dedup": ("exact and MinHash near-duplicate deduplication over the whole corpus; repeated ids",
+              ["duplicate_ids", "exact_dedup", "near_dedup", "merge_dedup"]),
     "train-tokenizer": ("train SentencePiece BPE on a bounded sample; write the HF tokenizer files", ["train_tokenizer"]),
     "tokenize": ("tokenize kept documents into Arrow shards", ["tokenize"]),
     "finalize": ("write shards/manifest.json, stats.json, summary.md and plots", ["finalize"]),
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--workers", type=_positive, default=None, help="override executor.workers (default: all cores)")
         c.add_argument("--ray-address", default=None, help="override executor.ray_address, e.g. 'auto'")
         c.add_argument("--strict", action="store_true",
-                       help="exit 1 when the finished run lost input: a file not read to its end, or bad records")
+                       help="exit 1 when the finished run lost input (a file not read to its end, bad records) "
+                            "or found records that repeat an id")
     c = sub.add_parser("config", help="print the resolved config (defaults filled in) as JSON",
                        description="print the resolved config (defaults filled in) as JSON")
     c.add_argument("--config", type=Path, default=None, help="prep config JSON (default: the demo config)")
@@ -89,19 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards + manifest: {out / 'shards' / 'manifest.json'}")
     print(f"tokenizer:         {out / 'tokenizer'}")
     print(f"stats:             {out / 'stats.json'}  summary: {out / 'summary.md'}  plots: {out / 'plots'}")
-    lost = input_losses(json.loads((out / "stats.json").read_text()))
-    for line in lost:
+    problems = input_problems(json.loads((out / "stats.json").read_text()))
+    for line in problems:
         print(f"warning: {line}", file=sys.stderr)
-    if lost and args.strict:
-        print(f"error: --strict: the run lost input ({len(lost)} line(s) above; details in {out / 'summary.md'})",
-              file=sys.stderr)
+    if problems and args.strict:
+        print(f"error: --strict: the input has {len(problems)} problem(s), named above (details in "
+              f"{out / 'summary.md'})", file=sys.stderr)
         return 1
     return 0
 
 
-def input_losses(stats: dict) -> list[str]:
-    """One line per file not read to its end, and one counting the bad records by reason (empty
-    documents are not bad input: an empty text is a valid record with nothing to keep)."""
+def input_problems(stats: dict) -> list[str]:
+    """One line per file not read to its end, one counting the bad records by reason (empty
+    documents are not bad input: an empty text is a valid record with nothing to keep), and one
+    counting the records that repeat an id."""
+    from data_prep.stats import repeated_ids
+
     lines = [f"{f['file']} could not be read to its end: {f['records_read']:,} records read before the cut; "
              "the rest of the file is not in the output" for f in stats["accounting"].get("incomplete_files", [])]
     bad = {r.split(":", 1)[1]: n for r, n in stats["reasons"].items()
@@ -110,4 +115,6 @@ def input_losses(stats: dict) -> list[str]:
         lines.append(f"{sum(bad.values()):,} bad input record(s) were not used: "
                      + ", ".join(f"{reason} {n:,}" for reason, n in sorted(bad.items()))
                      + " (examples with file and line in stats.json bad_input_examples)")
+    if stats["duplicate_ids"]["records"]:
+        lines.append(f"{repeated_ids(stats['duplicate_ids'])} (examples with file and line in stats.json duplicate_ids)")
     return lines

@@ -14,6 +14,10 @@ task appends to are written with io_utils.NpyAppender, batch by batch:
   dedup/survivors/                   the id of every document some removed one names as its survivor:
                                      gid.npy (sorted), offsets.npy, ids.bin (UTF-8, back to back)
   dedup/removed.npy                  merged result, sorted by gid: (gid, kind, survivor)
+  prepare/task-NNNNN/ids-PPP.npy     (hash_hi, hash_lo, gid) of the ids of an id_field source's
+                                     records, partition PPP; where.json: each record's file:line
+  dedup/ids-PPP.npy                  per-partition repeated ids (gid, gid of the id's first record)
+  dedup/duplicate_ids.json           their count per source and the first few, with file:line
 
 Each partition is processed on its own (a task of the executor), so no process ever holds
 every signature or every band key; the merge streams the partitions' sorted edges and keeps
@@ -58,9 +62,18 @@ def _load_partition(task_dirs: list[Path], name: str, dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def exact_pairs(task_dirs: list[Path], partition: int) -> np.ndarray:
-    """(duplicate gid, survivor gid) for every document whose text hash repeats an earlier one."""
-    rows = _load_partition(task_dirs, f"exact-{partition:03d}.npy", EXACT_DTYPE)
+def hash_rows(digests: list[bytes], gids: np.ndarray) -> np.ndarray:
+    """EXACT_DTYPE rows from 16-byte digests (one per gid): what exact_pairs groups."""
+    keys = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
+    rows = np.empty(len(gids), dtype=EXACT_DTYPE)
+    rows["hi"], rows["lo"], rows["gid"] = keys[:, 0], keys[:, 1], gids
+    return rows
+
+
+def exact_pairs(task_dirs: list[Path], partition: int, name: str = "exact") -> np.ndarray:
+    """(duplicate gid, survivor gid) for every row whose hash repeats an earlier one's, from the
+    tasks' NAME-PPP.npy: text hashes (exact) or id hashes (ids, see data_prep/ids.py)."""
+    rows = _load_partition(task_dirs, f"{name}-{partition:03d}.npy", EXACT_DTYPE)
     if len(rows) == 0:
         return np.empty(0, dtype=PAIR_DTYPE)
     rows = rows[np.lexsort((rows["gid"], rows["lo"], rows["hi"]))]
@@ -71,7 +84,7 @@ def exact_pairs(task_dirs: list[Path], partition: int) -> np.ndarray:
     out = np.empty(int(dup.sum()), dtype=PAIR_DTYPE)
     out["gid"] = rows["gid"][dup]
     out["survivor"] = rows["gid"][first[dup]]
-    return out[np.argsort(out["gid"])]  # gids are unique: a document has one hash
+    return out[np.argsort(out["gid"])]  # gids are unique: a record has one hash
 
 
 class SignatureStore:

@@ -6,6 +6,8 @@ holds one batch (BATCH_DOCS documents or BATCH_CHARS characters), whatever its i
   docs.arrow      surviving documents: gid, id, text (Arrow IPC stream)
   sigs.npy        MinHash signatures, row i = document i of docs.arrow (gid in gids.npy)
   exact-PPP.npy   text hashes by partition;  bands-PPP.npy  LSH band keys by partition
+  ids-PPP.npy     (a source with id_field) id hashes by partition; where.json  file:line of each
+                  record (data_prep/ids.py)
   rejected.jsonl  every bad-input and filtered record: file, line, outcome, reason
   removed.jsonl   (output.write_removed) the same with the removed text
   stats.json      this task's counters
@@ -23,9 +25,10 @@ import pyarrow as pa
 
 from data_prep.clean import Cleaner
 from data_prep.config import PrepConfig
-from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, append_by_partition, partition_of
+from data_prep.dedup import BAND_DTYPE, EXACT_DTYPE, append_by_partition, hash_rows, partition_of
 from data_prep.executor import report_progress
 from data_prep.filters import build_filters
+from data_prep.ids import IdHashes
 from data_prep.io_utils import NpyAppender, commit_dir
 from data_prep.minhash import EMPTY, MinHasher, band_keys
 from data_prep.plan import Task
@@ -90,6 +93,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
     band_out = [NpyAppender(tmp / f"bands-{p:03d}.npy", BAND_DTYPE) for p in range(P)]
     sigs_out = NpyAppender(tmp / "sigs.npy", np.uint32, (cfg.minhash.num_perm,))
     gids_out = NpyAppender(tmp / "gids.npy", np.uint64)
+    ids = IdHashes(tmp, src.name, P) if src.id_field else None
     batch = _Batch()
 
     def flush():
@@ -99,9 +103,7 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         writer.write_batch(pa.record_batch([pa.array(gids), pa.array(batch.ids, pa.string()),
                                             pa.array(batch.texts, pa.large_string())], schema=DOCS_SCHEMA))
         if cfg.exact_dedup.enabled:
-            keys = np.frombuffer(b"".join(exact_key(t) for t in batch.texts), dtype="<u8").reshape(-1, 2)
-            rows = np.empty(len(gids), dtype=EXACT_DTYPE)
-            rows["hi"], rows["lo"], rows["gid"] = keys[:, 0], keys[:, 1], gids
+            rows = hash_rows([exact_key(t) for t in batch.texts], gids)
             append_by_partition(exact_out, rows, partition_of(rows["hi"], P))
         if hasher is not None:
             sigs = hasher(batch.texts, cfg.minhash.ngram)
@@ -145,6 +147,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
             ordinal += 1
             counts["input"] += 1
             nbytes["input"] += rec.nbytes
+            if ids is not None:
+                ids.add(gid, rec)
             if rec.bad is not None:
                 # An oversized document is a legitimate one over the configured limit, not bad input.
                 reject(rec, FILTERED if rec.bad == "too_large" else BAD_INPUT, rec.bad)
@@ -177,6 +181,8 @@ def run_prepare(cfg: PrepConfig, task: Task, prepare_dir: Path) -> dict:
         removed.close()
     for out in exact_out + band_out:
         out.close()
+    if ids is not None:
+        ids.close()
     if hasher is not None:
         sigs_out.close(create=True)
         gids_out.close(create=True)

@@ -1,6 +1,6 @@
 """A prep run is a list of stages; each stage is a list of tasks handed to an executor.
 
-    prepare -> exact_dedup -> near_dedup -> merge_dedup -> train_tokenizer -> tokenize -> finalize
+    prepare -> duplicate_ids -> exact_dedup -> near_dedup -> merge_dedup -> train_tokenizer -> tokenize -> finalize
 
 Every task checks its completion marker first, so running the same command again after a
 kill redoes only unfinished tasks, and every output is a deterministic function of the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import dedup
+from data_prep import dedup, ids
 from data_prep.config import PrepConfig, canonical_json
 from data_prep.executor import LocalExecutor
 from data_prep.io_utils import NpyAppender, atomic_write_bytes, atomic_write_text, clean_stale_tmp, staged_dir, tmp_name
@@ -164,10 +164,11 @@ def _prepare(ctx: Context, task: Task) -> dict:
     return run_prepare(ctx.cfg, task, ctx.prepare_dir)
 
 
-def _exact(ctx: Context, p: int) -> int:
-    out = ctx.dedup_dir / f"exact-{p:03d}.npy"
+def _pairs(ctx: Context, name: str, p: int) -> int:
+    """Partition p's repeated hashes in the tasks' NAME-PPP.npy (texts: exact, ids: ids), into dedup/."""
+    out = ctx.dedup_dir / f"{name}-{p:03d}.npy"
     if not out.exists():
-        _save_npy(out, dedup.exact_pairs(ctx.task_dirs(), p))
+        _save_npy(out, dedup.exact_pairs(ctx.task_dirs(), p, name))
     return p
 
 
@@ -235,13 +236,31 @@ class Prepare(Stage):
         ex.map("read+clean+filter", partial(_prepare, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")
 
 
+class DuplicateIds(Stage):
+    """Records of an id_field source whose id repeats an earlier record's (data_prep/ids.py):
+    dedup/ids-PPP.npy, then dedup/duplicate_ids.json (the stage's completion marker)."""
+    name, command = "duplicate_ids", "dedup"
+
+    def run(self, ctx, ex):
+        _require(ctx, ctx.task_dirs(), "prepare")
+        out = ctx.dedup_dir / "duplicate_ids.json"
+        if out.exists():
+            return
+        P = ctx.cfg.minhash.partitions if any(s.id_field for s in ctx.cfg.sources) else 0
+        if P:
+            ex.map("duplicate ids", partial(_pairs, ctx, "ids"), list(range(P)))
+        parts = [np.load(ctx.dedup_dir / f"ids-{p:03d}.npy", mmap_mode="r") for p in range(P)]
+        tasks = {t.index: (t.source, d) for t, d in zip(ctx.plan, ctx.task_dirs())}
+        LocalSingle().run("report ids", lambda: atomic_write_text(out, dump(ids.report(parts, tasks))))
+
+
 class ExactDedup(Stage):
     name, command = "exact_dedup", "dedup"
 
     def run(self, ctx, ex):
         _require(ctx, ctx.task_dirs(), "prepare")
         if ctx.cfg.exact_dedup.enabled:
-            ex.map("exact dedup", partial(_exact, ctx), list(range(ctx.cfg.minhash.partitions)))
+            ex.map("exact dedup", partial(_pairs, ctx, "exact"), list(range(ctx.cfg.minhash.partitions)))
             if not (ctx.dedup_dir / "exact").exists():
                 LocalSingle().run("merge exact", lambda: _merge_exact(ctx))
 
@@ -370,12 +389,14 @@ class Finalize(Stage):
 
         tok_markers = [ctx.work / "tokenize" / f"task-{t.index:05d}.json" for t in ctx.plan]
         _require(ctx, tok_markers, "tokenize")
+        _require(ctx, [ctx.dedup_dir / "duplicate_ids.json"], "dedup")
         prep = [json.loads((d / "stats.json").read_text()) for d in ctx.task_dirs()]
         toks = [json.loads(p.read_text()) for p in tok_markers]
         sp = spm.SentencePieceProcessor(model_file=str(ctx.model_file))
         vocab = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
                  "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
-        stats = aggregate(prep, toks, off=ctx.dedup_off)
+        stats = aggregate(prep, toks, off=ctx.dedup_off,
+                          duplicate_ids=json.loads((ctx.dedup_dir / "duplicate_ids.json").read_text()))
         stats["splits"] = {s: {k: sum(t["splits"][s][k] for t in toks) for k in ("documents", "tokens")} for s in ("train", "validation")}
         stats["bad_input_examples"] = _examples(ctx, 20)
         if not stats["accounting"]["ok"]:
@@ -399,4 +420,4 @@ def _examples(ctx: Context, limit: int) -> list[dict]:
     return out
 
 
-STAGES: list[Stage] = [Prepare(), ExactDedup(), NearDedup(), MergeDedup(), TrainTokenizer(), Tokenize(), Finalize()]
+STAGES: list[Stage] = [Prepare(), DuplicateIds(), ExactDedup(), NearDedup(), MergeDedup(), TrainTokenizer(), Tokenize(), Finalize()]

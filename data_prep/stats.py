@@ -46,10 +46,15 @@ def _add(a: dict, b: dict) -> None:
         a[k] = a.get(k, 0) + v
 
 
-def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3, off: list[str] = ()) -> dict:
+NO_DUPLICATE_IDS = {"records": 0, "sources": {}, "examples": []}
+
+
+def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason: int = 3, off: list[str] = (),
+              duplicate_ids: dict = NO_DUPLICATE_IDS) -> dict:
     """stats.json from the prepare and tokenize tasks' counters. Every removed record has a
     reason: prepare's (bad input, filters) and the dedup stage that removed it (tokenize counts
-    those). `off`: the dedup stages the config switched off, marked in the stage table."""
+    those). `off`: the dedup stages the config switched off, marked in the stage table.
+    `duplicate_ids`: the duplicate_ids stage's report (data_prep/ids.py)."""
     records: dict = {}
     nbytes: dict = {}
     reasons: dict = {}
@@ -95,6 +100,7 @@ def aggregate(prepare: list[dict], tokenize: list[dict], max_examples_per_reason
         # "adds up" for "read everything".
         "accounting": {"input_records": records.get("input", 0), "outcome_records": outcomes, "ok": ok,
                        "incomplete_files": incomplete},
+        "duplicate_ids": duplicate_ids,
         "records": dict(sorted(records.items())),
         "bytes": dict(sorted(nbytes.items())),
         "tokens": {"kept": sum(t["tokens"] for t in tokenize)},
@@ -147,6 +153,10 @@ def write_summary(stats: dict, out: Path) -> str:
     for f in acc.get("incomplete_files", []):
         lines.append(f"- **{f['file']} could not be read to its end**: {f['records_read']:,} records read before the cut "
                      "(counted above); the rest of the file is not in the input count")
+    ids = stats["duplicate_ids"]
+    if ids["records"]:
+        lines.append(f"- **{repeated_ids(ids)}**; the first:")
+        lines += [f"  - {e['source']}: id `{e['id']}` at `{e['first']}` and `{e['again']}`" for e in ids["examples"]]
     lines += ["", "| outcome | records | bytes |", "|---|---:|---:|"]
     for o in OUTCOMES:
         lines.append(f"| {o} | {stats['records'][o]:,} | {stats['bytes'][o]:,} |")
@@ -208,6 +218,13 @@ def write_plots(stats: dict, plot_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(plot_dir / f"{key}.png", metadata=meta)
         plt.close(fig)
+
+
+def repeated_ids(ids: dict) -> str:
+    """What stats.json duplicate_ids counts, in words (summary.md and the console say the same)."""
+    per = ", ".join(f"{source} {n:,}" for source, n in ids["sources"].items())
+    return (f"{ids['records']:,} record(s) repeat an earlier record's id in their source ({per}), so an id in "
+            "rejected.jsonl or duplicates.jsonl can name two documents")
 
 
 def dump(obj) -> str:

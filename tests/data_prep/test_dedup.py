@@ -25,7 +25,7 @@ def _dedup(tmp_path: Path, files: dict[str, list[dict]]) -> dict[str, tuple[str,
     cfg = PrepConfig.model_validate(tiny_config([{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "id_field": "id"}]))
     ctx = open_context(cfg, tmp_path / "out")
     ex = LocalExecutor(2)
-    for st in STAGES[:4]:
+    for st in (st for st in STAGES if st.command in ("prepare", "dedup")):
         st.run(ctx, ex)
     return dedup_outcomes(ctx)
 

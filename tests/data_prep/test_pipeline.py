@@ -113,11 +113,12 @@ def test_the_console_names_lost_input_and_strict_makes_it_an_error(prepared):
     assert warnings[0].startswith("warning: web/part-2.jsonl.zst could not be read to its end: ")
     assert warnings[1].startswith("warning: 4 bad input record(s) were not used: invalid_utf8 1, malformed_json 1, "
                                   "missing_text 1, text_not_string 1 ")
-    assert len(warnings) == 2
+    assert len(warnings) == 2  # its ids are unique: none repeats
+    assert json.loads((d / "out" / "stats.json").read_text())["duplicate_ids"]["records"] == 0
     strict = _cli("finalize", "--config", d / "prep.json", "--out", d / "out", "--strict")
     assert strict.returncode == 1, strict.stderr[-2000:]
     assert [l for l in strict.stderr.splitlines() if l.startswith("warning: ")] == warnings
-    assert strict.stderr.splitlines()[-1].startswith("error: --strict: the run lost input (2 line(s) above")
+    assert strict.stderr.splitlines()[-1].startswith("error: --strict: the input has 2 problem(s), named above")
 
 
 def test_manifest_and_shards_follow_the_contract(prepared):
@@ -235,6 +236,38 @@ def test_dedup_switched_off_is_a_normal_run_that_accounts_for_every_record(tmp_p
     assert {x["id"]: x["outcome"] for x in _rows(out, "work/tokenize/*.duplicates.jsonl")} == removed
     m = json.loads((out / "shards" / "manifest.json").read_text())
     assert sum(s["documents"] for s in m["sources"].values()) == want["kept"]
+
+
+def test_a_repeated_id_is_counted_named_and_refused_under_strict(tmp_path):
+    # Failed first: records of an id_field source that share an id passed without a word, and
+    # duplicates.jsonl and rejected.jsonl named one id for two documents.
+    docs = real_documents(120)[:5]
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"id": "a0", "text": docs[0]}, {"id": "same", "text": docs[1]},
+                                              {"id": "big", "text": "z " * 3000}])  # filtered as too_large
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"id": "same", "text": docs[2]}, {"id": "big", "text": docs[3]},
+                                              {"id": "b2", "text": docs[4]}])
+    # task_bytes: every line is a range of its own, so places are found in ranges that start past line 1.
+    cfg = tiny_config([{"name": "web", "type": "jsonl", "paths": [str(tmp_path / "in")], "id_field": "id", "task_bytes": 100}],
+                      read={"max_doc_bytes": 5000})
+    cfg = write_config(tmp_path / "c.json", cfg)
+    r = _cli("run", "--config", cfg, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads((tmp_path / "out" / "work" / "plan.json").read_text())) == 6
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["duplicate_ids"] == {
+        "records": 2, "sources": {"web": 2},
+        "examples": [{"source": "web", "id": "same", "first": "web/a.jsonl:2", "again": "web/b.jsonl:1"},
+                     {"source": "web", "id": "big", "first": "web/a.jsonl:3", "again": "web/b.jsonl:2"}]}
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "2 record(s) repeat an earlier record's id in their source (web 2)" in summary
+    assert "id `same` at `web/a.jsonl:2` and `web/b.jsonl:1`" in summary, summary
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning: ")]
+    assert warnings == ["warning: 2 record(s) repeat an earlier record's id in their source (web 2), so an id in "
+                        "rejected.jsonl or duplicates.jsonl can name two documents (examples with file and line in "
+                        "stats.json duplicate_ids)"], r.stderr[-3000:]
+    strict = _cli("finalize", "--config", cfg, "--out", tmp_path / "out", "--strict")
+    assert strict.returncode == 1, strict.stderr[-2000:]
+    assert strict.stderr.splitlines()[-1].startswith("error: --strict: the input has 1 problem(s), named above")
 
 
 def test_errors_are_one_line_naming_file_or_field(tmp_path):
