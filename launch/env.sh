@@ -22,6 +22,11 @@ export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-10}"
 # A hung or failed collective raises in every rank (and the launcher stops the job) instead of
 # blocking until the job's time limit.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+# Hangs: NCCL's flight recorder keeps each rank's last 2000 collectives and writes them when one
+# times out (train.collective_timeout_s); the trainer points the files at OUT/hang/nccl-rank-N,
+# beside its watchdog's stacks (TORCH_NCCL_DEBUG_INFO_TEMP_FILE; pipeline/watchdog.py).
+export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 # ZeRO-3 gathers and frees parameters all the time; expandable segments avoid the fragmentation
 # that otherwise shows up as out-of-memory with gigabytes "reserved but unallocated".
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"

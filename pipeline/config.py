@@ -139,6 +139,18 @@ class TrainSection(_Section):
     # Resuming on another topology converts the checkpoint first (pipeline/checkpoints.py); a
     # conversion that takes longer stops every rank with one message instead of hanging.
     conversion_timeout_s: int = Field(3600, gt=0)
+    # Hangs (pipeline/watchdog.py). The process group's timeout for one collective, passed to
+    # DeepSpeed's init_distributed; longer than the watchdog's, so the watchdog speaks first with
+    # stacks and the ranks behind. The watchdog: no new phase (batch, engine, all-reduce,
+    # evaluation, checkpoint) for this long on a rank writes its stacks and ends it (exit 4);
+    # 1800 s lets a 7B checkpoint (~100 GB of weights and optimizer states) reach storage at
+    # 60 MB/s. 0 turns the watchdog off.
+    collective_timeout_s: int = Field(3600, gt=0)
+    hang_timeout_s: int = Field(1800, ge=0)
+    # Slow ranks (pipeline/faults.py Stragglers): a rank whose own time lags the median by more than
+    # this fraction of the step time, `straggler_intervals` log intervals in a row, gets a warning.
+    straggler_lag: float = Field(0.2, gt=0)
+    straggler_intervals: int = Field(3, gt=0)
     # Fault handling: a non-finite loss skips the step; this many in a row stop the run.
     max_consecutive_skips: int = Field(10, gt=0)
 

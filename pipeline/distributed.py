@@ -42,8 +42,12 @@ def _single_process_world() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def init_distributed() -> None:
-    """DeepSpeed's process group: NCCL (or the accelerator's backend) on GPUs, gloo on the CPU."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """DeepSpeed's process group: NCCL (or the accelerator's backend) on GPUs, gloo on the CPU.
+    `timeout_s`: how long one collective may wait (train.collective_timeout_s; DeepSpeed's own
+    default is 600 s)."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -55,7 +59,8 @@ def init_distributed() -> None:
     accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     on_cpu = accelerator.device_name() == "cpu"
     # The CPU accelerator's default backend is oneCCL; gloo ships with every torch.
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, **timeout)
     if on_cpu:
         _unlink_cpu_shm_buffer()
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ from pipeline.checkpoints import Checkpoints
 from pipeline.config import Profile, ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
-from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker
+from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker, Stragglers
 from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
+from pipeline.watchdog import Watchdog
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume although the checkpoint's FIELD differs, for a deliberate change such as "
                         "data.seq_len for a longer context (repeatable; see pipeline/resume.py for what a resume "
                         "compares)")
+    p.add_argument("--inject-hang", metavar="STEP:RANK",
+                   help="fire drill: RANK sleeps for good while reading the batch of STEP (the watchdog, "
+                        "train.hang_timeout_s, then ends the run; pipeline/watchdog.py)")
+    p.add_argument("--inject-slow", metavar="RANK:SECONDS",
+                   help="fire drill: RANK takes SECONDS longer to read every batch (a slow node; named in the "
+                        "log, and warned about, see train.straggler_lag)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -78,11 +86,15 @@ class Preemption:
 PREEMPTED = "preempted"  # OUT/preempted: written when a signal stopped the run before train.steps
 
 
-def all_ranks_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
-    """The mean of `value` over ranks and whether any rank raised `flag`, in one all-reduce
-    (one collective per step is all the loop adds to DeepSpeed's own)."""
-    total, raised = all_reduce_sum([value, 1.0 if flag else 0.0])
-    return total / world_size(), raised > 0
+def all_ranks_mean_and_any(value: float, flag: bool, mine: tuple[float, ...] = ()) -> tuple[float, bool, list[tuple]]:
+    """The mean of `value` over ranks, whether any rank raised `flag`, and every rank's `mine`
+    (each rank fills its own slots, the sum gathers them), in one all-reduce: one collective per
+    step is all the loop adds to DeepSpeed's own."""
+    n, world, rank = len(mine), world_size(), distributed.rank()
+    slots = [0.0] * (n * world)
+    slots[rank * n:(rank + 1) * n] = mine
+    total, raised, *gathered = all_reduce_sum([value, 1.0 if flag else 0.0, *slots])
+    return total / world, raised > 0, [tuple(gathered[r * n:(r + 1) * n]) for r in range(world)] if n else []
 
 
 def all_ranks_mean(value: float) -> float:
@@ -207,7 +219,8 @@ class Trainer:
     """The loop, one named step at a time: train step, metrics, evaluation, checkpoint, stop."""
 
     def __init__(self, profile: Profile, manifest: Manifest, engine, ckpts: Checkpoints, profile_dict: dict,
-                 out: Path, preempt: Preemption, start_step: int = 0, consumed: int = 0):
+                 out: Path, preempt: Preemption, start_step: int = 0, consumed: int = 0,
+                 faults: FaultInjection | None = None):
         self.profile, self.engine, self.ckpts, self.profile_dict = profile, engine, ckpts, profile_dict
         self.out, self.preempt = out, preempt
         self.start_step = self.step = start_step
@@ -221,7 +234,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(profile.model, profile.data.seq_len)
         self.device_kind, self.peak_flops = detect_peak_flops()
         self.metrics = MetricsWriter(out, enabled=self.rank == 0, resume_step=start_step)
-        self.faults = FaultInjection.from_env()
+        self.faults = faults or FaultInjection.from_env()
+        self.watchdog = Watchdog(out, self.rank, self.world, t.hang_timeout_s)
+        self.stragglers = Stragglers(t.straggler_lag, t.straggler_intervals)
         self.skips = SkipTracker(t.max_consecutive_skips, already_skipped=engine.skipped_steps)
         self.spikes = LossSpikeDetector()
 
@@ -236,13 +251,24 @@ class Trainer:
                                                     p.data_parallel_size))
                 for m in range(p.grad_accum_steps)]
 
-    def train_step(self) -> tuple[float, bool]:
-        """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop)."""
-        local = self.engine.train_step(self.micro_batches(self.train_samples, self.consumed),
-                                       poison=self.step + 1 in self.faults.nan_steps)
-        self.step += 1
-        self.consumed += self.profile.global_batch_size
-        return all_ranks_mean_and_any(local, self.preempt.requested)
+    def train_step(self) -> tuple[float, bool, list[tuple]]:
+        """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop,
+        and on log steps every rank's (own, engine) seconds: pipeline/faults.py Stragglers)."""
+        step, tic = self.step + 1, time.perf_counter()
+        self.watchdog.beat(step, "batch")
+        batches = self.micro_batches(self.train_samples, self.consumed)
+        self.faults.maybe_delay(step, self.rank)
+        own = time.perf_counter() - tic
+        self.watchdog.beat(step, "engine")
+        local = self.engine.train_step(batches, poison=step in self.faults.nan_steps)
+        engine = time.perf_counter() - tic - own
+        self.step, self.consumed = step, self.consumed + self.profile.global_batch_size
+        self.watchdog.beat(step, "all-reduce")
+        return all_ranks_mean_and_any(local, self.preempt.requested, (own, engine) if self.log_due() else ())
+
+    def log_due(self) -> bool:
+        t = self.profile.train
+        return self.step % t.log_every == 0 or self.step == t.steps or self.step == self.start_step + 1
 
     def step_metrics(self, loss: float, lr: float, elapsed: float) -> dict:
         """The step's metrics; `lr` is the rate the step used, `elapsed` its time alone (without
@@ -265,6 +291,7 @@ class Trainer:
         return values
 
     def evaluate(self) -> float:
+        self.watchdog.beat(self.step, "evaluation")
         gbs = self.profile.global_batch_size  # the same validation samples at every evaluation
         losses = [self.engine.eval_loss(self.micro_batches(self.val_samples, b * gbs))
                   for b in range(self.profile.train.eval_batches)]
@@ -281,7 +308,7 @@ class Trainer:
                      f"{self.skips.consecutive} in a row, {self.skips.total} in total")
         if spike:
             self.say(f"step {step}: loss spike {loss:.4f} (spike #{self.spikes.spikes})")
-        if step % t.log_every == 0 or step == t.steps or step == self.start_step + 1:
+        if self.log_due():
             line = (f"step {step}/{t.steps} | loss {loss:.4f} | lr {values['train/lr']:.2e} | "
                     f"gnorm {values.get('train/grad_norm', float('nan')):.3f} | {values['perf/tokens_per_s']:,.0f} tok/s | "
                     f"{values['perf/tflops_per_device']:.3f} TFLOP/s/{self.device_kind}")
@@ -289,9 +316,12 @@ class Trainer:
                 line += f" | MFU {values['perf/mfu']:.1%}"
             if "val/loss" in values:
                 line += f" | val {values['val/loss']:.4f}"
+            if "perf/slowest_rank" in values:
+                line += f" | slowest rank {values['perf/slowest_rank']} +{values['perf/slowest_rank_lag_s']:.2f} s"
             self.say(line)
 
     def checkpoint(self) -> None:
+        self.watchdog.beat(self.step, "checkpoint")
         # After skipped steps the weights are still those from before the trouble.
         meta = {"consumed_samples": self.consumed, "global_batch_size": self.profile.global_batch_size,
                 "world_size": self.world, **topology_of(self.profile)}
@@ -309,8 +339,10 @@ class Trainer:
             return self.stop_preempted("before its first step")
         while self.step < t.steps:
             lr, tic = self.engine.lr, time.perf_counter()  # the rate this step uses
-            loss, stop = self.train_step()
+            loss, stop, times = self.train_step()
             values = self.step_metrics(loss, lr, time.perf_counter() - tic)
+            if times:
+                values.update(self.slow_ranks(times, values["perf/step_time_s"]))
             skipped, spike = self.skips.update(self.engine.skipped_steps), self.spikes.update(loss)
             if self.eval_due():
                 tic = time.perf_counter()
@@ -334,6 +366,17 @@ class Trainer:
                 return self.stop_preempted(f"after step {self.step}")
         self.metrics.close()
         return 0
+
+    def slow_ranks(self, times: list[tuple], step_s: float) -> dict:
+        """The slowest rank's metrics; that rank warns, naming its host, when it stays slow."""
+        values, warn = self.stragglers.update(times, step_s)
+        if warn and values["perf/slowest_rank"] == self.rank:
+            t = self.profile.train
+            print(f"warning: rank {self.rank} ({socket.gethostname()}) is the slowest for {self.stragglers.count} "
+                  f"log intervals in a row: {values['perf/slowest_rank_lag_s']:.2f} s behind the median rank at step "
+                  f"{self.step} (more than train.straggler_lag={t.straggler_lag:g} of the {step_s:.2f} s step, "
+                  "reading its batch or host work)", file=sys.stderr, flush=True)
+        return values
 
     def stop_preempted(self, when: str) -> int:
         """A signal asked the run to stop: mark OUT/preempted for the batch script and exit 0."""
@@ -359,7 +402,14 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     profile_dict = run_profile(profile, manifest)
     tag = checked_resume_tag(ckpts, args, profile_dict)
     check_preflight(profile, args, world, rank)
-    init_distributed()
+    try:
+        faults = FaultInjection.from_env(args.inject_hang, args.inject_slow)
+    except ValueError as e:
+        raise StartError(f"error: {e}") from None
+    if torch.cuda.is_available() and os.environ.get("TORCH_NCCL_DUMP_ON_TIMEOUT") == "1":
+        (out / "hang").mkdir(parents=True, exist_ok=True)  # NCCL's flight recorder, beside the watchdog's stacks
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str((out / "hang").resolve() / "nccl-rank-"))
+    init_distributed(profile.train.collective_timeout_s)
     load_tag, profile, made_universal = resume_point(ckpts, tag, profile)
     init_state = initial_weights(init, profile) if not load_tag else None
     torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
@@ -371,7 +421,7 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
         print(f"initialised from {args.init_from}", flush=True)
     start_step, consumed = resume_state(ckpts, engine, load_tag, profile, made_universal)
     write_run_files(ckpts, profile_dict, out)
-    trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, preempt, start_step, consumed)
+    trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, preempt, start_step, consumed, faults)
     p, t = profile, profile.train
     trainer.say(f"training {p.model.num_params() / 1e6:.2f}M parameters | engine {p.topology.engine} | "
                 f"world {world} (data-parallel {p.data_parallel_size}) | batch {p.global_batch_size} × "
