@@ -78,11 +78,11 @@ class Preemption:
 PREEMPTED = "preempted"  # OUT/preempted: written when a signal stopped the run before train.steps
 
 
-def all_ranks_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
-    """The mean of `value` over ranks and whether any rank raised `flag`, in one all-reduce
-    (one collective per step is all the loop adds to DeepSpeed's own)."""
-    total, raised = all_reduce_sum([value, 1.0 if flag else 0.0])
-    return total / world_size(), raised > 0
+def all_ranks_mean_and_any(value: float, flag: bool, count: int = 0) -> tuple[float, bool, int]:
+    """The mean of `value` over ranks, whether any rank raised `flag` and the sum of `count`,
+    in one all-reduce (one collective per step is all the loop adds to DeepSpeed's own)."""
+    total, raised, counted = all_reduce_sum([value, 1.0 if flag else 0.0, count])
+    return total / world_size(), raised > 0, int(counted)
 
 
 def all_ranks_mean(value: float) -> float:
@@ -237,12 +237,16 @@ class Trainer:
                 for m in range(p.grad_accum_steps)]
 
     def train_step(self) -> tuple[float, bool]:
-        """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop)."""
+        """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop).
+        Also counts the blocks all ranks recomputed in it (`recomputed`)."""
+        before = self.engine.recomputations.count
         local = self.engine.train_step(self.micro_batches(self.train_samples, self.consumed),
                                        poison=self.step + 1 in self.faults.nan_steps)
         self.step += 1
         self.consumed += self.profile.global_batch_size
-        return all_ranks_mean_and_any(local, self.preempt.requested)
+        loss, stop, self.recomputed = all_ranks_mean_and_any(local, self.preempt.requested,
+                                                             self.engine.recomputations.count - before)
+        return loss, stop
 
     def step_metrics(self, loss: float, lr: float, elapsed: float) -> dict:
         """The step's metrics; `lr` is the rate the step used, `elapsed` its time alone (without
@@ -253,7 +257,7 @@ class Trainer:
         values = {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s,
                   "perf/tflops_per_device": tflops, "perf/step_time_s": elapsed,
                   "data/consumed_samples": self.consumed, "train/skipped_steps": self.skips.total,
-                  "train/loss_spikes": self.spikes.spikes}
+                  "train/loss_spikes": self.spikes.spikes, "train/recomputed_blocks": self.recomputed}
         if self.engine.grad_norm is not None:
             values["train/grad_norm"] = self.engine.grad_norm
         if self.peak_flops:

@@ -210,7 +210,7 @@ def run_ranks(rank_results: dict, call: str) -> dict:
 
 def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator(rank_results):
     out = run_ranks(rank_results, "mean_and_any")
-    assert out == {0: (2.0, True), 1: (2.0, True)}, out
+    assert out == {0: (2.0, True, 0), 1: (2.0, True, 0)}, out
 
 
 def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator(rank_results):
