@@ -107,6 +107,7 @@ def llama(model: dict, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
                          num_key_value_heads=model["n_kv_heads"] or model["n_heads"],
                          max_position_embeddings=model["max_seq_len"], rms_norm_eps=model["norm_eps"],
                          rope_parameters={"rope_type": "default", "rope_theta": model["rope_theta"]},
+                         # eager: attention written out in torch, not the SDPA kernel the trainer calls
                          tie_word_embeddings=False, attn_implementation="eager")
     hf = LlamaForCausalLM(config)
     state = {hf_name(k): v for k, v in weights.items()}
@@ -169,7 +170,6 @@ def optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
 def train(manifest: Path, model_section: dict, weights: dict[str, torch.Tensor], r: Recipe,
           steps: int) -> dict[int, float]:
     """Losses of steps 1..steps, keyed as metrics.jsonl keys them."""
-    torch.manual_seed(r.seed)
     model = llama(model_section, weights)
     if r.pure_bf16:
         model = model.to(torch.bfloat16)
