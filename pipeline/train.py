@@ -86,15 +86,17 @@ class Preemption:
 PREEMPTED = "preempted"  # OUT/preempted: written when a signal stopped the run before train.steps
 
 
-def all_ranks_mean_and_any(value: float, flag: bool, mine: tuple[float, ...] = ()) -> tuple[float, bool, list[tuple]]:
-    """The mean of `value` over ranks, whether any rank raised `flag`, and every rank's `mine`
-    (each rank fills its own slots, the sum gathers them), in one all-reduce: one collective per
-    step is all the loop adds to DeepSpeed's own."""
+def all_ranks_mean_and_any(value: float, flag: bool, count: int = 0,
+                           mine: tuple[float, ...] = ()) -> tuple[float, bool, int, list[tuple]]:
+    """The mean of `value` over ranks, whether any rank raised `flag`, the sum of `count`, and
+    every rank's `mine` (each rank fills its own slots, the sum gathers them), in one all-reduce:
+    one collective per step is all the loop adds to DeepSpeed's own."""
     n, world, rank = len(mine), world_size(), distributed.rank()
     slots = [0.0] * (n * world)
     slots[rank * n:(rank + 1) * n] = mine
-    total, raised, *gathered = all_reduce_sum([value, 1.0 if flag else 0.0, *slots])
-    return total / world, raised > 0, [tuple(gathered[r * n:(r + 1) * n]) for r in range(world)] if n else []
+    total, raised, counted, *gathered = all_reduce_sum([value, 1.0 if flag else 0.0, count, *slots])
+    return (total / world, raised > 0, int(counted),
+            [tuple(gathered[r * n:(r + 1) * n]) for r in range(world)] if n else [])
 
 
 def all_ranks_mean(value: float) -> float:
@@ -253,18 +255,23 @@ class Trainer:
 
     def train_step(self) -> tuple[float, bool, list[tuple]]:
         """One optimizer step; (the loss averaged over ranks, whether any rank was asked to stop,
-        and on log steps every rank's (own, engine) seconds: pipeline/faults.py Stragglers)."""
+        and on log steps every rank's (own, engine) seconds: pipeline/faults.py Stragglers).
+        Also counts the blocks all ranks recomputed in it (`recomputed`)."""
         step, tic = self.step + 1, time.perf_counter()
         self.watchdog.beat(step, "batch")
         batches = self.micro_batches(self.train_samples, self.consumed)
         self.faults.maybe_delay(step, self.rank)
         own = time.perf_counter() - tic
         self.watchdog.beat(step, "engine")
+        before = self.engine.recomputations.count
         local = self.engine.train_step(batches, poison=step in self.faults.nan_steps)
         engine = time.perf_counter() - tic - own
         self.step, self.consumed = step, self.consumed + self.profile.global_batch_size
         self.watchdog.beat(step, "all-reduce")
-        return all_ranks_mean_and_any(local, self.preempt.requested, (own, engine) if self.log_due() else ())
+        loss, stop, self.recomputed, times = all_ranks_mean_and_any(
+            local, self.preempt.requested, self.engine.recomputations.count - before,
+            (own, engine) if self.log_due() else ())
+        return loss, stop, times
 
     def log_due(self) -> bool:
         t = self.profile.train
@@ -279,7 +286,7 @@ class Trainer:
         values = {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s,
                   "perf/tflops_per_device": tflops, "perf/step_time_s": elapsed,
                   "data/consumed_samples": self.consumed, "train/skipped_steps": self.skips.total,
-                  "train/loss_spikes": self.spikes.spikes}
+                  "train/loss_spikes": self.spikes.spikes, "train/recomputed_blocks": self.recomputed}
         if self.engine.grad_norm is not None:
             values["train/grad_norm"] = self.engine.grad_norm
         if self.peak_flops:

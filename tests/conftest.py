@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, cpu_env, pipe_args, run_deepspeed, zero3_args, zero_args
+import reference
+from runs import REPO, STEPS, cpu_env, pipe_args, run_deepspeed, zero3_args, zero_args
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,27 @@ def zero2_run(prepared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipe_run(prepared_data, tmp_path_factory) -> Path:
     return _reference_run(tmp_path_factory, "pipe", lambda out: pipe_args(prepared_data, out))
+
+
+@pytest.fixture(scope="session")
+def reference_losses(zero3_run):
+    """`reference_losses(**defect)`: the losses of tests/reference.py's training (transformers'
+    LLaMA, torch AdamW, written from the contracts) over the reference runs' 8 steps, with the
+    ZeRO-3 run's resolved profile and the trainer's initial weights; `defect`: a `Recipe` field
+    that puts in a defect the suite's bounds must catch. Each variant is trained once a session."""
+    from pipeline.model import ModelConfig, Transformer
+
+    profile = json.loads((zero3_run / "profile.json").read_text())
+    model = {k: v for k, v in profile["model"].items() if k != "preset"}
+    # The trainer draws its initial weights from the seed (pipeline.model); only they are taken from it.
+    weights = Transformer(ModelConfig(**model), seed=profile["train"]["seed"]).state_dict()
+    cache = {}
+
+    def losses(**defect) -> dict[int, float]:
+        key = tuple(sorted(defect.items()))
+        if key not in cache:
+            recipe = reference.Recipe.of(profile, **defect)
+            cache[key] = reference.train(Path(profile["data"]["manifest"]), model, weights, recipe, STEPS)
+        return cache[key]
+
+    return losses

@@ -5,6 +5,7 @@ An engine offers the same few calls to the training loop:
     eval_loss(micro_batches)  -> mean loss, no gradients
     save(dir, tag, client_state) / load(dir, tag) -> client_state
     lr, grad_norm, skipped_steps (optimizer steps DeepSpeed discarded for a non-finite gradient norm), dp_rank
+    recomputations.count: block forwards this rank ran again in backward passes (activation checkpointing)
 """
 
 from pipeline.config import Profile

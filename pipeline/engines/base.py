@@ -6,6 +6,7 @@ from __future__ import annotations
 
 class EngineBase:
     engine = None  # the DeepSpeed engine, set by the subclass through `_wrap`
+    recomputations = None  # blocks.Recomputations of this rank's blocks, set by the subclass
 
     def _wrap(self, ds_engine) -> None:
         self.engine = ds_engine

@@ -35,22 +35,45 @@ def _with_sdpa_backend(forward, backend):
     return run
 
 
-def _recomputed(forward):
+class Recomputations:
+    """How many block forwards ran again in a backward pass, counted where they run: each
+    checkpointed forward counts its calls of the block and the block's own calls, so a
+    recomputation is a block call beyond its forward. The trainer logs the count per step
+    (train/recomputed_blocks), proof that checkpointing is on, not only switched on."""
+
+    def __init__(self):
+        self.forwards = 0
+        self.block_calls = 0
+
+    @property
+    def count(self) -> int:
+        return self.block_calls - self.forwards
+
+
+def _recomputed(forward, recomputations: Recomputations):
+    def block(*args, **kwargs):
+        recomputations.block_calls += 1
+        return forward(*args, **kwargs)
+
     @functools.wraps(forward)
     def run(*args, **kwargs):
+        recomputations.forwards += 1
         # Non-reentrant: works with inputs that need no grad (a pipeline stage's first block) and
         # with ZeRO-3, whose hooks gather the parameters again for the recomputation.
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
     return run
 
 
-def prepare_blocks(blocks: Iterable[tuple[int, nn.Module]], train: TrainSection) -> None:
+def prepare_blocks(blocks: Iterable[tuple[int, nn.Module]], train: TrainSection) -> Recomputations:
     """Apply the profile's attention backend, activation checkpointing and compilation to
-    `blocks`, given as (index in the whole model, block) pairs."""
+    `blocks`, given as (index in the whole model, block) pairs; returns the counter of their
+    recomputations."""
+    recomputations = Recomputations()
     for index, block in blocks:
         if train.attention_backend != "default":
             block.forward = _with_sdpa_backend(block.forward, SDPA_BACKENDS[train.attention_backend])
         if train.activation_checkpointing and checkpointed_block(index, train.activation_checkpointing_every):
-            block.forward = _recomputed(block.forward)
+            block.forward = _recomputed(block.forward, recomputations)
         if train.compile:
             block.compile()
+    return recomputations

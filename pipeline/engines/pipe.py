@@ -83,7 +83,8 @@ def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection) ->
     layers += [LayerSpec(HeadLayer, cfg, train.seed, train.loss_chunk_tokens)]
     module = PipelineModule(layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
                             activation_checkpoint_interval=0)
-    prepare_blocks(((f.index, f) for f in module.forward_funcs if isinstance(f, BlockLayer)), train)
+    module.recomputations = prepare_blocks(((f.index, f) for f in module.forward_funcs if isinstance(f, BlockLayer)),
+                                           train)
     return module
 
 
@@ -106,6 +107,7 @@ class PipelineEngine(EngineBase):
         ds_engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=profile.deepspeed, dist_init_required=False)
         self._wrap(ds_engine)
+        self.recomputations = module.recomputations
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self._poison = False
         self._head = module.forward_funcs[-1]  # a HeadLayer on the last stage, whose loss DeepSpeed calls

@@ -21,7 +21,7 @@ class ZeroEngine(EngineBase):
         self.profile = profile
         self.stage = profile.zero_stage
         model = build_model(profile, init_state)
-        prepare_blocks(enumerate(model.layers), profile.train)
+        self.recomputations = prepare_blocks(enumerate(model.layers), profile.train)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
                                                optimizer_offloaded(profile.deepspeed))
         self._weight_decays = [g["weight_decay"] for g in optimizer.param_groups]

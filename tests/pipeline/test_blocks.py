@@ -30,13 +30,18 @@ def test_every_kth_block_recomputes_and_gradients_do_not_change():
     tokens = torch.randint(0, CFG.vocab_size, (2, 33))
     plain = Transformer(CFG, seed=1)
     model = Transformer(CFG, seed=1)
-    prepare_blocks(enumerate(model.layers), train_section(activation_checkpointing=True, activation_checkpointing_every=2))
+    recomputations = prepare_blocks(enumerate(model.layers),
+                                    train_section(activation_checkpointing=True, activation_checkpointing_every=2))
     calls = [0] * CFG.n_layers
     for i, block in enumerate(model.layers):
         block.attention.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     want, got = loss_and_grads(plain, tokens), loss_and_grads(model, tokens)
     # Blocks 1 and 3 (the 2nd and 4th) run their forward again in the backward pass; 0 and 2 store activations.
     assert calls == [1, 2, 1, 2]
+    assert recomputations.count == 2  # what the trainer logs as train/recomputed_blocks
+    with torch.no_grad():
+        model(tokens[:, :-1])
+    assert recomputations.count == 2  # a forward without a backward recomputes nothing
     assert got[0] == want[0]
     for n in want[1]:
         torch.testing.assert_close(got[1][n], want[1][n], rtol=0, atol=0)

@@ -124,7 +124,7 @@ class _DeviceTensor(torch.Tensor):
 def _mean_and_any(rank: int):
     from pipeline.train import all_ranks_mean_and_any
 
-    return all_ranks_mean_and_any(1.0 + 2.0 * rank, flag=rank == 1)
+    return all_ranks_mean_and_any(1.0 + 2.0 * rank, flag=rank == 1, count=rank + 1, mine=(float(rank), 10.0 + rank))
 
 
 def _init_from_flag(rank: int):
@@ -210,7 +210,9 @@ def run_ranks(rank_results: dict, call: str) -> dict:
 
 def test_mean_and_preemption_flag_on_a_backend_bound_to_the_accelerator(rank_results):
     out = run_ranks(rank_results, "mean_and_any")
-    assert out == {0: (2.0, True), 1: (2.0, True)}, out
+    # The mean, any rank's flag, the summed count, and each rank's own values gathered in the same all-reduce.
+    want = (2.0, True, 3, [(0.0, 10.0), (1.0, 11.0)])
+    assert out == {0: want, 1: want}, out
 
 
 def test_init_from_flag_broadcast_on_a_backend_bound_to_the_accelerator(rank_results):
