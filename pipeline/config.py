@@ -90,6 +90,15 @@ class DataSection(_Section):
         return self
 
 
+class WandbSection(_Section):
+    """Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard (pipeline/metrics.py).
+    "offline" writes OUT/wandb/offline-run-*/ for `wandb sync` to upload later."""
+
+    project: str
+    name: str | None = None  # the run's display name; default: W&B's
+    mode: Literal["online", "offline"] = "online"
+
+
 class TrainSection(_Section):
     # Run length: `steps`, or "auto" with a token budget `total_tokens` (steps = the budget
     # divided by the tokens of one optimizer step, rounded up). Steps given as a number win over
@@ -151,6 +160,8 @@ class TrainSection(_Section):
     # this fraction of the step time, `straggler_intervals` log intervals in a row, gets a warning.
     straggler_lag: float = Field(0.2, gt=0)
     straggler_intervals: int = Field(3, gt=0)
+    # Weights & Biases, optional (`pip install wandb`): {"project": ..., "name": ..., "mode": "online" | "offline"}.
+    wandb: WandbSection | None = None
     # Fault handling: a non-finite loss skips the step; this many in a row stop the run.
     max_consecutive_skips: int = Field(10, gt=0)
 

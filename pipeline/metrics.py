@@ -65,8 +65,8 @@ class MetricsWriter:
     first drops the records after S (steps logged after the checkpoint it resumes from, which it
     trains again), so every step appears once; TensorBoard purges them the same way."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int = 0, wandb: WandbRun | None = None):
+        self.enabled, self._wandb = enabled, wandb
         if not enabled:
             return
         out_dir = Path(out_dir)
@@ -90,11 +90,46 @@ class MetricsWriter:
         for k, v in values.items():
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()
+
+
+WANDB_MISSING = "train.wandb is set but the wandb package is not installed: pip install wandb (or drop train.wandb)"
+
+
+def wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class WandbRun:
+    """A Weights & Biases run on rank 0, with the same scalars as TensorBoard and the resolved
+    profile as its config. Its id is the run's (OUT/checkpoints/run_id), so a resumed run
+    continues the same W&B run; its charts use `step` as their x axis, so the steps a resume
+    trains again are drawn at their own step. Files go to OUT/wandb/."""
+
+    def __init__(self, settings, out_dir: Path, run_id: str, config: dict):
+        import wandb
+
+        self._run = wandb.init(project=settings.project, name=settings.name, mode=settings.mode, dir=str(out_dir),
+                               id=run_id, resume="allow", config=config)
+        self._run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, values: dict) -> None:
+        self._run.log({"step": step, **{k: v for k, v in values.items() if isinstance(v, (int, float))}})
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def _keep_steps_up_to(path: Path, last_step: int) -> None:

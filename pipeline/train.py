@@ -32,7 +32,7 @@ from pipeline.config import Profile, ProfileError, apply_overrides, parse_profil
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker, Stragglers
-from pipeline.metrics import MetricsWriter, detect_peak_flops, flops_per_token
+from pipeline.metrics import WANDB_MISSING, MetricsWriter, WandbRun, detect_peak_flops, flops_per_token, wandb_available
 from pipeline.watchdog import Watchdog
 
 
@@ -235,7 +235,8 @@ class Trainer:
                             if manifest.split_shards("validation") and t.eval_every else None)
         self.flops_per_token = flops_per_token(profile.model, profile.data.seq_len)
         self.device_kind, self.peak_flops = detect_peak_flops()
-        self.metrics = MetricsWriter(out, enabled=self.rank == 0, resume_step=start_step)
+        wandb = WandbRun(t.wandb, out, ckpts.run_id, profile_dict) if t.wandb and self.rank == 0 else None
+        self.metrics = MetricsWriter(out, enabled=self.rank == 0, resume_step=start_step, wandb=wandb)
         self.faults = faults or FaultInjection.from_env()
         self.watchdog = Watchdog(out, self.rank, self.world, t.hang_timeout_s)
         self.stragglers = Stragglers(t.straggler_lag, t.straggler_intervals)
@@ -404,6 +405,8 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     profile, manifest = resolve_profile(args, world)
     init = adopt_init(args, profile, manifest)
     profile = init.profile if init else profile
+    if profile.train.wandb and not wandb_available():
+        raise StartError(f"error: {WANDB_MISSING}")
     out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", profile.train.keep_last, profile.train.conversion_timeout_s)
     profile_dict = run_profile(profile, manifest)
