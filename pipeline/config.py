@@ -169,6 +169,8 @@ class TrainSection(_Section):
     def _run_length(self) -> "TrainSection":
         if self.steps == "auto" and self.total_tokens is None:
             raise ValueError("steps: \"auto\" needs a token budget in train.total_tokens; set one of them (got \"auto\")")
+        if self.steps != "auto" and self.steps < 1:
+            raise ValueError(f"steps: expected at least 1 optimizer step, or \"auto\" (got {self.steps})")
         return self
 
 

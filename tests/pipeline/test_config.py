@@ -207,6 +207,7 @@ def test_vocab_auto_needs_a_tokenizer():
 @pytest.mark.parametrize("setting, line", [
     ("train.steps=abc", "train.steps: expected a valid integer or 'auto', got \"abc\""),
     ("train.precision=fp8", "train.precision: expected 'fp32', 'bf16' or 'fp16', got \"fp8\""),
+    ("train.steps=-2", "train.steps: expected at least 1 optimizer step, or \"auto\" (got -2)"),  # was accepted
 ])
 def test_a_bad_set_value_is_one_line_without_pydantic_internals(tmp_path, setting, line):
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--profile", str(REPO / "ds_configs" / "tiny_cpu.json"),
