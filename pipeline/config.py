@@ -127,6 +127,12 @@ class TrainSection(_Section):
     # Activation checkpointing: recompute the activations of every k-th transformer block in the
     # backward pass instead of storing them (k = activation_checkpointing_every; 1 = every block,
     # torchtitan's "full"; 2 = half of them, its selective per-layer option).
+    # Document masking (pipeline/model.py Packing): each token attends only to earlier tokens of
+    # its own document in the packed window (documents end with EOS); reset_positions restarts
+    # rotary positions at each document's first token. Llama 3's recipe; Megatron's
+    # --reset-attention-mask / --reset-position-ids.
+    document_masking: bool = False
+    reset_positions: bool = False
     activation_checkpointing: bool = False
     activation_checkpointing_every: int = Field(1, gt=0)
     # Cross-entropy over chunks of this many tokens, each chunk's logits made, used and freed in
@@ -169,6 +175,8 @@ class TrainSection(_Section):
     def _run_length(self) -> "TrainSection":
         if self.steps == "auto" and self.total_tokens is None:
             raise ValueError("steps: \"auto\" needs a token budget in train.total_tokens; set one of them (got \"auto\")")
+        if self.reset_positions and not self.document_masking:
+            raise ValueError("reset_positions: restarting positions needs document_masking: true (got true)")
         if self.steps != "auto" and self.steps < 1:
             raise ValueError(f"steps: expected at least 1 optimizer step, or \"auto\" (got {self.steps})")
         return self

@@ -30,6 +30,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     2·T·d per token per layer forward, ×3 for forward+backward. No causal discount (the
     convention of PaLM's MFU and of most published MFU figures); activation recomputation is
     not counted, so MFU stays comparable with and without activation checkpointing.
+
+    Document masking (train.document_masking) is not discounted either: T stays the window
+    length, as for plain causal attention, although a token then attends only to its own
+    document. So MFU and the planner's time compare across masking on and off at the same model
+    work; the FLOPs the masked kernel really performs are fewer, by up to the attention share
+    (12·L·d·T over the total: 14 % for 7B at 4096 tokens), when documents are shorter than the window.
     """
     n = cfg.num_params() - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len

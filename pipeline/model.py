@@ -4,7 +4,8 @@ Reads top to bottom like the diagram:
 
     tokens → Embedding → [TransformerBlock × n_layers] → RMSNorm → LMHead → logits (or, given labels, the loss)
     TransformerBlock:  x + Attention(RMSNorm(x)),  then  h + FeedForward(RMSNorm(h))
-    Attention:         q, k, v projections → rotary embedding on q, k → causal SDPA → output projection
+    Attention:         q, k, v projections → rotary embedding on q, k → causal SDPA (or within each
+                       document, `Packing`) → output projection
     FeedForward:       SwiGLU, w2(silu(w1 x) * w3 x)
 
 With `fused_projections` the q, k, v projections are one weight `wqkv` (rows: q, then k, then v)
@@ -12,6 +13,13 @@ and the gate and up projections one weight `w13` (rows: w1, then w3): one GEMM i
 and two, the same function and, from the same seed, the same weights stacked (`FusedLinear`).
 
 Nothing here knows about DeepSpeed; engines in `pipeline/engines/` wrap these modules.
+
+Document masking (`Packing`, train.document_masking): a training window packs several documents,
+each ending with EOS. With packing set, each token attends only to the earlier tokens of its own
+document (`document_mask`), and with `reset_positions` its rotary position counts from its
+document's first token, so a packed window computes exactly what each document would alone.
+On CUDA the mask is a FlexAttention block mask (no dense seq × seq mask; fully masked blocks
+are skipped); elsewhere a dense boolean mask for SDPA, exact and small at CPU sizes.
 
 Rotary embeddings may be stretched for long contexts (`RopeScaling`: "linear" divides every
 frequency by a factor; "llama3" divides only the low frequencies and blends the middle band, as
@@ -24,6 +32,7 @@ therefore map one-to-one to Hugging Face names with no permutation (see `pipelin
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -156,10 +165,69 @@ def rotary_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim), or (batch, 1, seq, head_dim)
+    for positions of their own per sequence (`Packing.reset_positions`)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Documents packed into one window, each ending with `eos_id`: attention stays inside each
+    document; with `reset_positions` rotary positions restart at each document's first token."""
+
+    eos_id: int
+    reset_positions: bool = False
+
+
+def document_layout(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index, position within the document) of every token of tokens (batch, seq): a
+    document ends with its EOS, and the token after an EOS starts the next one."""
+    eos = (tokens == eos_id).to(torch.int32)
+    doc = torch.cumsum(eos, dim=1) - eos
+    index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    starts = torch.ones_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = eos[:, :-1].bool()
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return doc, index - first
+
+
+def document_mask(doc: torch.Tensor, flex: bool | None = None):
+    """What attends to what: causal, and within one document. A FlexAttention BlockMask on CUDA
+    (or with `flex`), a dense boolean (batch, 1, seq, seq) mask elsewhere."""
+    b, t = doc.shape
+    if doc.is_cuda if flex is None else flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(batch, head, q, kv):
+            return (q >= kv) & (doc[batch, q] == doc[batch, kv])
+
+        return create_block_mask(same_document, b, None, t, t, device=doc.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def packed_rotary(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables at each token's own position: (batch, 1, seq, head_dim)."""
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -> torch.Tensor:
+    """Causal attention, or attention under `document_mask`'s mask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """FlexAttention is fast only compiled (on CUDA); uncompiled it is torch's exact reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 @contextmanager
@@ -239,14 +307,14 @@ class Attention(nn.Module):
             self.wv = Linear(cfg.dim, kv, cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, _residual_std(cfg))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.wqkv(x) if self.fused else (self.wq(x), self.wk(x), self.wv(x))
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = attend(q, k, v, mask, self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -274,8 +342,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -299,9 +367,9 @@ class LMHead(Linear):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int = 0, loss_chunk_tokens: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, loss_chunk_tokens: int = 0, packing: Packing | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.packing = cfg, packing
         with seeded_init(seed, 0):
             self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         blocks = []
@@ -320,9 +388,15 @@ class Transformer(nn.Module):
         """tokens: (batch, seq) int64 → logits (batch, seq, vocab); with labels (already shifted,
         as `causal_lm_loss` takes them) → the mean loss, a scalar."""
         cos, sin = self.rotary(tokens.shape[1], tokens.device)
+        mask = None
+        if self.packing is not None:
+            doc, positions = document_layout(tokens, self.packing.eos_id)
+            mask = document_mask(doc)
+            if self.packing.reset_positions:
+                cos, sin = packed_rotary(cos, sin, positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return self.output(self.norm(h), labels)
 
 

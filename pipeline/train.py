@@ -32,6 +32,7 @@ from pipeline.config import Profile, ProfileError, apply_overrides, parse_profil
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker, Stragglers
+from pipeline.model import Packing
 from pipeline.metrics import WANDB_MISSING, MetricsWriter, WandbRun, detect_peak_flops, flops_per_token, wandb_available
 from pipeline.watchdog import Watchdog
 
@@ -207,6 +208,16 @@ def resume_point(ckpts: Checkpoints, tag: str | None, profile: Profile) -> tuple
     if universal:
         profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
     return load_tag, profile, universal and made
+
+
+def packing_of(profile: Profile, manifest: Manifest) -> Packing | None:
+    """train.document_masking's documents: they end with the data's EOS, which must be there."""
+    if not profile.train.document_masking:
+        return None
+    if not manifest.raw.get("add_eos", True):
+        raise StartError(f"error: train.document_masking: {manifest.path} was prepared with add_eos false, so nothing "
+                         "marks where a document ends; prepare the data with EOS, or set train.document_masking=false")
+    return Packing(manifest.tokenizer.eos_id, profile.train.reset_positions)
 
 
 def initial_weights(init, profile: Profile):
@@ -425,7 +436,7 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
 
-    engine = build_engine(profile, init_state)
+    engine = build_engine(profile, init_state, packing_of(profile, manifest))
     del init_state
     if args.init_from and not load_tag and rank == 0:
         print(f"initialised from {args.init_from}", flush=True)

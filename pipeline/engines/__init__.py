@@ -11,13 +11,14 @@ An engine offers the same few calls to the training loop:
 from pipeline.config import Profile
 
 
-def build_engine(profile: Profile, init_state=None):
+def build_engine(profile: Profile, init_state=None, packing=None):
     """`init_state`: weights in the plain model's names to start from (--init-from), or None.
-    The ZeRO data-parallel engine needs them on rank 0 only; the pipeline engine on every rank."""
+    The ZeRO data-parallel engine needs them on rank 0 only; the pipeline engine on every rank.
+    `packing`: document masking (pipeline/model.py Packing), or None for plain causal attention."""
     if profile.topology.data_parallel:
         from pipeline.engines.zero import ZeroEngine
 
-        return ZeroEngine(profile, init_state)
+        return ZeroEngine(profile, init_state, packing)
     from pipeline.engines.pipe import PipelineEngine
 
-    return PipelineEngine(profile, init_state)
+    return PipelineEngine(profile, init_state, packing)

@@ -23,37 +23,50 @@ from torch import nn
 from pipeline.config import Profile, TrainSection
 from pipeline.engines.base import EngineBase
 from pipeline.engines.blocks import prepare_blocks
-from pipeline.model import Embedding, LMHead, ModelConfig, RMSNorm, TransformerBlock, causal_lm_loss, rotary_tables, seeded_init
+from pipeline.model import (Embedding, LMHead, ModelConfig, Packing, RMSNorm, TransformerBlock, causal_lm_loss,
+                            document_layout, document_mask, packed_rotary, rotary_tables, seeded_init)
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
 class EmbeddingLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int):
+    """The embedding; with document masking it also hands on each token's document index and
+    position (`document_layout`), which every later stage needs and cannot see in the tokens."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, packing: Packing | None = None):
         super().__init__()
+        self.packing = packing
         with seeded_init(seed, 0):
             self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(tokens)
+    def forward(self, tokens: torch.Tensor):
+        h = self.tok_embeddings(tokens)
+        return (h, *document_layout(tokens, self.packing.eos_id)) if self.packing else h
 
 
 class BlockLayer(TransformerBlock):
-    """A TransformerBlock that takes only the hidden state (the one tensor pipeline stages
-    pass along) and makes its rotary tables itself, cached per sequence length."""
+    """A TransformerBlock that takes what pipeline stages pass along (the hidden state, and with
+    document masking the documents and positions) and makes its rotary tables itself, cached per
+    sequence length."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, index: int):
+    def __init__(self, cfg: ModelConfig, seed: int, index: int, packing: Packing | None = None):
         with seeded_init(seed, 1 + index):
             super().__init__(cfg)
-        self._cfg = cfg
+        self._cfg, self.packing = cfg, packing
         self.index = index
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, inputs):  # type: ignore[override]
+        h, doc, positions = inputs if self.packing else (inputs, None, None)
         t = h.shape[1]
         if self._rope is None or self._rope[0] != t or self._rope[1].device != h.device:
             cos, sin = rotary_tables(self._cfg, t, h.device)
             self._rope = (t, cos, sin)
-        return super().forward(h, self._rope[1], self._rope[2])
+        cos, sin = self._rope[1], self._rope[2]
+        if not self.packing:
+            return super().forward(h, cos, sin)
+        if self.packing.reset_positions:
+            cos, sin = packed_rotary(cos, sin, positions)
+        return super().forward(h, cos, sin, document_mask(doc)), doc, positions
 
 
 class HeadLayer(nn.Module):
@@ -67,19 +80,20 @@ class HeadLayer(nn.Module):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = LMHead(cfg.dim, cfg.vocab_size, cfg.init_std, loss_chunk_tokens)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
+    def forward(self, h) -> torch.Tensor:
+        h = self.norm(h[0] if isinstance(h, tuple) else h)
         return h if self.output.loss_chunk_tokens else self.output(h)
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.output(out, labels) if self.output.loss_chunk_tokens else causal_lm_loss(out, labels)
 
 
-def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection) -> PipelineModule:
+def build_pipeline_module(cfg: ModelConfig, stages: int, train: TrainSection,
+                          packing: Packing | None = None) -> PipelineModule:
     """This rank's stage. Activation checkpointing is not DeepSpeed's (activation_checkpoint_interval
     stays 0): `prepare_blocks` applies it to the blocks as it does for ZeRO-3."""
-    layers = [LayerSpec(EmbeddingLayer, cfg, train.seed)]
-    layers += [LayerSpec(BlockLayer, cfg, train.seed, i) for i in range(cfg.n_layers)]
+    layers = [LayerSpec(EmbeddingLayer, cfg, train.seed, packing)]
+    layers += [LayerSpec(BlockLayer, cfg, train.seed, i, packing) for i in range(cfg.n_layers)]
     layers += [LayerSpec(HeadLayer, cfg, train.seed, train.loss_chunk_tokens)]
     module = PipelineModule(layers=layers, num_stages=stages, loss_fn=causal_lm_loss, partition_method="parameters",
                             activation_checkpoint_interval=0)
@@ -94,9 +108,10 @@ def pipeline_name(layer_index: int, name: str, n_layers: int) -> str:
 
 
 class PipelineEngine(EngineBase):
-    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None,
+                 packing: Packing | None = None):
         self.profile = profile
-        module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train)
+        module = build_pipeline_module(profile.model, profile.topology.pipeline_stages, profile.train, packing)
         if init_state is not None:  # --init-from: every stage copies its own layers, before the optimizer exists
             with torch.no_grad():
                 for full_name, p in module.named_parameters():

@@ -12,15 +12,17 @@ from pipeline.config import Profile
 from pipeline.distributed import broadcast_values
 from pipeline.engines.base import EngineBase
 from pipeline.engines.blocks import prepare_blocks
-from pipeline.model import Transformer
+from pipeline.model import Packing, Transformer
 from pipeline.optim import build_optimizer, optimizer_offloaded
 
 
 class ZeroEngine(EngineBase):
-    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, profile: Profile, init_state: dict[str, torch.Tensor] | None = None,
+                 packing: Packing | None = None):
         self.profile = profile
         self.stage = profile.zero_stage
         model = build_model(profile, init_state)
+        model.packing = packing
         self.recomputations = prepare_blocks(enumerate(model.layers), profile.train)
         optimizer, scheduler = build_optimizer(model.named_parameters(), profile.train,
                                                optimizer_offloaded(profile.deepspeed))

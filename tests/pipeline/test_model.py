@@ -1,4 +1,6 @@
 import dataclasses
+import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import transformers
 
 from pipeline.hf import hf_parts, load_hf_state, relayout, save_hf_model
 from pipeline.import_hf import import_hf
-from pipeline.model import PRESETS, ModelConfig, Transformer
+from pipeline.model import PRESETS, ModelConfig, Packing, Transformer
 
 
 def test_llama_7b_parameter_count_on_meta_device():
@@ -134,3 +136,50 @@ def test_rope_scaling_tables_match_transformers(scaling):
     assert (plain_cos - cos[0]).abs().max() > 0.1  # the scaling changes the tables
     torch.testing.assert_close(ours_cos, cos[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_sin, sin[0], atol=1e-5, rtol=0)
+
+
+# --- document masking ------------------------------------------------------------------------
+
+def _packed_window(eos: int, vocab: int) -> torch.Tensor:
+    """Two windows of 48 tokens, documents of 11, 20, 5, 1 and the rest, each ending with EOS."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for lengths in ((11, 20, 5, 1, 12), (30, 19)):
+        row = []
+        for n in lengths:
+            row += torch.randint(3, vocab, (n - 1,), generator=g).tolist() + [eos]
+        rows.append(row[:48] + [eos] * (48 - len(row)))
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_a_packed_window_with_document_masking_is_each_document_alone(flex, monkeypatch):
+    """The loss of a packed window with masking and reset positions is the token-weighted mean of
+    each document run alone (its own tokens, positions from 0, plain causal attention), in fp32;
+    FlexAttention's block mask (the CUDA path, here uncompiled) gives the same."""
+    import pipeline.model as model_mod
+
+    cfg = replace(PRESETS["tiny"], vocab_size=64, max_seq_len=64)
+    eos = 2
+    model = Transformer(cfg, seed=5)
+    window = _packed_window(eos, cfg.vocab_size)
+    x, y = window[:, :-1], window[:, 1:]
+    if flex:  # the block mask CUDA gets, on the CPU
+        monkeypatch.setattr(model_mod, "document_mask", functools.partial(model_mod.document_mask, flex=True))
+    model.packing = Packing(eos, reset_positions=True)
+    with torch.no_grad():  # FlexAttention has no backward on the CPU
+        packed = model(x, y)
+    model.packing = None
+    total, count = 0.0, 0
+    for row_x, row_y in zip(x, y):
+        ends = (row_x == eos).nonzero().flatten().tolist()
+        for start, end in zip([0] + [e + 1 for e in ends], ends + [len(row_x) - 1]):
+            if start > end:
+                continue
+            seg_x, seg_y = row_x[start:end + 1][None], row_y[start:end + 1][None]
+            total += model(seg_x, seg_y).item() * seg_x.shape[1]
+            count += seg_x.shape[1]
+    assert count == x.numel()
+    assert packed.item() == pytest.approx(total / count, abs=2e-6, rel=0)
+    plain = model(x, y).item()  # without masking the documents see each other: a different loss
+    assert abs(plain - packed.item()) > 1e-3
