@@ -111,3 +111,19 @@ def _template_specials(proc: dict | None) -> tuple[str | None, str | None]:
         return None, None
     special = lambda i: items[i]["SpecialToken"]["id"] if 0 <= i < len(items) and "SpecialToken" in items[i] else None  # noqa: E731
     return special(at - 1), special(at + 1)
+
+
+def export_hf(tokenizer_json: Path, out_dir: Path, bos: str, eos: str) -> None:
+    """tokenizer_config.json and special_tokens_map.json beside a copy of tokenizer_json (its
+    bytes unchanged), so that AutoTokenizer in transformers 4.x and 5.x loads out_dir and gives
+    `tokenizers`' ids: BOS as the file's post-processor adds it, special tokens' names in text as
+    text (tests/pipeline/test_export_bpe.py)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.tokenizer import save_hf_files
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(tokenizer_json)), bos_token=bos,
+                                   eos_token=eos, clean_up_tokenization_spaces=False,
+                                   model_max_length=1_000_000_000_000_000_019_884_624_838_656)
+    save_hf_files(fast, out_dir, {"bos_token": bos, "eos_token": eos}, {}, keep=tokenizer_json)

@@ -22,6 +22,13 @@ def load(model_file: Path, cfg: TokenizerConfig):
     return _cache[key]
 
 
+def described(model_file: Path, tokenizer: dict):
+    """The encoder of a manifest's `tokenizer` section (docs/formats.md; no `type`: SentencePiece)."""
+    kind = tokenizer.get("type", "sentencepiece")
+    names = {k: tokenizer.get(k) for k in ("bos_token", "eos_token")} if kind == "bpe" else {}
+    return load(model_file, TokenizerConfig(type=kind, **names))
+
+
 class SentencePieceEncoder:
     def __init__(self, model_file: Path):
         import sentencepiece as spm
