@@ -8,8 +8,10 @@ The `tokenizer.json` is the source of truth for ids: the shards hold what `token
 A trained tokenizer has Llama 3's layout: its pre-tokenizer (the regex split below, then
 bytes to characters without a second regex), the byte-level decoder, and two special tokens,
 BOS "<|begin_of_text|>" and EOS "<|end_of_text|>" (ids 0 and 1 here; Llama 3 has them at
-128000/128001 after its merges). The pre-tokenizer is Llama 3's so that tools that recognise
-BPE pre-tokenizers by their behaviour (llama.cpp's converter) know it.
+128000/128001 after its merges). The pre-tokenizer is Llama 3's so that it is one that tools
+know: llama.cpp's converter recognises pre-tokenizers by a hash of the ids a tokenizer gives on a
+probe text, which also depends on the merges, so a tokenizer trained here is registered there
+as `llama-bpe` by its hash (docs/export.md, "llama.cpp and a byte-level BPE tokenizer").
 """
 from __future__ import annotations
 
