@@ -408,6 +408,11 @@ class Tokenize(Stage):
         _require(ctx, ctx.task_dirs(), "prepare")
         _require(ctx, [ctx.model_file], "train-tokenizer")
         _require_dedup(ctx)
+        from data_prep import encoders
+
+        # Loaded here before the workers fork: for a tokenizer.json this sets one thread per
+        # process, so `tokenizers` does not warn in each worker after training used its pool.
+        encoders.load(ctx.model_file, ctx.cfg.tokenizer)
         ctx.shard_dir.mkdir(parents=True, exist_ok=True)
         (ctx.work / "tokenize").mkdir(parents=True, exist_ok=True)
         ex.map("tokenize+shard", partial(_tokenize, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")

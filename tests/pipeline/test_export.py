@@ -443,6 +443,18 @@ def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipe_run):
 
 # --- continued pretraining: Hugging Face → import_hf → trainer --init-from → export ---------
 
+def tiny_llama3(tok, **extra):
+    """A Llama-3-like config (theta 5e5, eps 1e-6, context 2048, llama3 rope scaling) of
+    ds_configs/tiny_cpu.json's shape, for the vocabulary of `tok` (a manifest's tokenizer)."""
+    import transformers
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024}
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
+                                    rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope, **extra)
+
+
 @pytest.mark.parametrize("engine", ["zero3", "zero2", "pipeline"])
 def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tmp_path):
     """A step at lr 1e-30 changes no fp32 weight (the update is far below one ulp), so the
@@ -463,12 +475,7 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     profile = PIPELINE if engine == "pipeline" else REPO / "ds_configs" / "tiny_cpu.json"
     stage = ["--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2"] if engine == "zero2" else []
     tok = Manifest.load(manifest).tokenizer
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 1024}
-    hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
-                                      rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope,
-                                      tie_word_embeddings=engine != "zero3")
+    hf_cfg = tiny_llama3(tok, tie_word_embeddings=engine != "zero3")
     torch.manual_seed(1)
     base = transformers.LlamaForCausalLM(hf_cfg)
     base.save_pretrained(tmp_path / "published")
@@ -554,12 +561,7 @@ def test_llama3_style_base_with_bpe_data_needs_no_remap_and_exports_for_transfor
                     str(tmp_path / "data")], cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=600)
     manifest = tmp_path / "data" / "shards" / "manifest.json"
     tok = Manifest.load(manifest).tokenizer
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 1024}
-    hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
-                                      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope,
-                                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    hf_cfg = tiny_llama3(tok, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     torch.manual_seed(2)
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "published")
     export_hf(tok.model_path, tmp_path / "published", "<|begin_of_text|>", "<|end_of_text|>")  # as a hub directory has it
