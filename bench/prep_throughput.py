@@ -168,8 +168,9 @@ def micro(corpus: Path, model: Path, mb_limit: float = 8) -> dict:
     sys.path.insert(0, str(ROOT))
     import sentencepiece as spm
 
+    from bpe_throughput import tokenize_batches
+    from data_prep.encoders import SentencePieceEncoder
     from data_prep.minhash import MinHasher, normalise_for_shingles, shingle_hashes
-    from data_prep.shards import ShardWriter, id_dtype
 
     texts, size = [], 0
     for p in sorted(corpus.glob("*.jsonl")):
@@ -180,20 +181,16 @@ def micro(corpus: Path, model: Path, mb_limit: float = 8) -> dict:
                 break
     mb = size / 1e6
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    import tempfile
-
     import rensa
 
     def sp_direct():
         for i in range(0, len(texts), 1024):
             sp.encode(texts[i : i + 1024], num_threads=1)
 
+    enc = SentencePieceEncoder(model)
+
     def our_tokenize():
-        with tempfile.TemporaryDirectory() as d:
-            w = ShardWriter(Path(d), "train", 0, id_dtype(sp.get_piece_size()), 1 << 40, "bench")
-            for i in range(0, len(texts), 1024):
-                w.write(sp.encode(texts[i : i + 1024], add_bos=True, add_eos=True, num_threads=1))
-            w.close()
+        tokenize_batches(texts, lambda batch: enc.encode(batch, True, True), sp.get_piece_size())
 
     hashes, offsets = shingle_hashes(texts, 5)
     mh = MinHasher(112)

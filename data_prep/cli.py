@@ -13,7 +13,7 @@ COMMANDS = {
     "prepare": ("read, clean, filter; text and id hashes and MinHash signatures per input task", ["prepare"]),
     "dedup": ("exact and MinHash near-duplicate deduplication over the whole corpus; repeated ids",
               ["duplicate_ids", "exact_dedup", "near_dedup", "merge_dedup"]),
-    "train-tokenizer": ("train SentencePiece BPE on a bounded sample; write the HF tokenizer files", ["train_tokenizer"]),
+    "train-tokenizer": ("train SentencePiece or byte-level BPE (tokenizer.type) on a bounded sample, or take tokenizer.existing[_model]", ["train_tokenizer"]),
     "tokenize": ("tokenize kept documents into Arrow shards", ["tokenize"]),
     "finalize": ("write shards/manifest.json, stats.json, summary.md and plots", ["finalize"]),
 }

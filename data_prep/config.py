@@ -196,22 +196,51 @@ class MinHashConfig(_Strict):
         return self.bands * self.rows
 
 
+# SentencePiece's own options: set with tokenizer.type "bpe", they would be silently unused.
+SENTENCEPIECE_ONLY = ("model_type", "character_coverage", "user_defined_symbols", "max_sentence_length", "existing_model")
+
+
 class TokenizerConfig(_Strict):
+    # "sentencepiece": LLaMA-2-like SentencePiece BPE (data_prep/tokenizer.py); "bpe": byte-level
+    # BPE with Hugging Face `tokenizers` and Llama 3's pre-tokenizer (data_prep/bpe.py).
+    type: Literal["sentencepiece", "bpe"] = "sentencepiece"
     vocab_size: int = Field(default=32000, ge=300)
     sample_bytes: int = Field(default=1 << 30, gt=0, description="deterministic training sample size")
-    model_type: Literal["bpe", "unigram"] = "bpe"
+    model_type: Literal["bpe", "unigram"] = "bpe"  # SentencePiece's model type
     character_coverage: float = 0.99995
     user_defined_symbols: list[str] = []
     max_sentence_length: int = 16384
     seed: int = 1
     threads: int | None = None
-    existing_model: str | None = Field(default=None, description="use this tokenizer.model instead of training")
+    existing_model: str | None = Field(default=None, description="use this SentencePiece tokenizer.model instead of training")
+    existing: str | None = Field(default=None, description="type bpe: use this tokenizer.json unchanged instead of training")
+    # type bpe: the special tokens a trained tokenizer gets for BOS and EOS, or, with `existing`,
+    # which of its added tokens are BOS and EOS (None: data_prep.bpe.special_tokens finds them).
+    bos_token: str | None = Field(default=None, min_length=1)
+    eos_token: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _model_exists(self):
-        if self.existing_model is not None and not Path(self.existing_model).is_file():
-            raise ValueError(f"existing_model: no such file: {self.existing_model}")
+    def _fits_type(self):
+        for name in ("existing_model", "existing"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.type == "bpe":
+            mixed = sorted(set(SENTENCEPIECE_ONLY) & self.model_fields_set)
+            if mixed:
+                raise ValueError(f"{mixed[0]}: a SentencePiece option, but tokenizer.type is 'bpe'; remove it "
+                                 f"(or set type 'sentencepiece')")
+        else:
+            for name in ("existing", "bos_token", "eos_token"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: an option of tokenizer.type 'bpe' (got type '{self.type}'); set type 'bpe'"
+                                     + (", or existing_model for a SentencePiece .model" if name == "existing" else ""))
         return self
+
+    @property
+    def file_name(self) -> str:
+        """The tokenizer file that is the source of truth for ids."""
+        return "tokenizer.json" if self.type == "bpe" else "tokenizer.model"
 
 
 class ShardsConfig(_Strict):

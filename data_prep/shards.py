@@ -1,7 +1,7 @@
 """Tokenize task and manifest: kept documents -> token ids -> Arrow IPC stream shards.
 
 One tokenize task per prepare task: it drops the documents the dedup merge removed, encodes
-the rest with SentencePiece (BOS/EOS per document as configured), assigns each document to
+the rest with the run's tokenizer (data_prep/encoders.py; BOS/EOS per document as configured), assigns each document to
 train or validation by a hash of (source, id), and writes shards named
 `{split}-{task:05d}-{n:04d}.arrow` of at most shards.target_bytes, each under a temporary
 name renamed when complete. The task's record tokenize/task-NNNNN.json is written last and
@@ -19,22 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.config import PrepConfig
+from data_prep import encoders
 from data_prep.dedup import KIND_EXACT, REMOVED_DTYPE
 from data_prep.io_utils import atomic_write_text, sha256_file, tmp_name
 from data_prep.records import EXACT_DUP, KEPT, NEAR_DUP
 from data_prep.stats import Histogram
 
 ENCODE_BATCH = 1024
-_sp_cache: dict[str, object] = {}
-
-
-def processor(model_file: Path):
-    import sentencepiece as spm
-
-    key = str(model_file)
-    if key not in _sp_cache:
-        _sp_cache[key] = spm.SentencePieceProcessor(model_file=key)
-    return _sp_cache[key]
 
 
 def id_dtype(vocab_size: int):
@@ -110,8 +101,8 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
     marker = work / "tokenize" / f"task-{task.index:05d}.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    sp = processor(model_file)
-    dtype = id_dtype(sp.get_piece_size())
+    enc = encoders.load(model_file, cfg.tokenizer)
+    dtype = id_dtype(enc.vocab()["vocab_size"])
     removed_path = work / "dedup" / "removed.npy"
     removed = np.load(removed_path, mmap_mode="r") if removed_path.exists() else np.empty(0, dtype=REMOVED_DTYPE)
     mine = removed_for_task(removed, task.index)
@@ -150,8 +141,7 @@ def run_tokenize(cfg: PrepConfig, task, work: Path, shard_dir: Path, model_file:
             keep_texts.append(text)
             keep_split.append("validation" if is_validation(task.source, doc_id, sc.validation_fraction, sc.split_seed) else "train")
         for i in range(0, len(keep_texts), ENCODE_BATCH):
-            # One thread: a task is one core's work (the executor runs one process per core).
-            encoded = sp.encode(keep_texts[i : i + ENCODE_BATCH], add_bos=sc.add_bos, add_eos=sc.add_eos, num_threads=1)
+            encoded = enc.encode(keep_texts[i : i + ENCODE_BATCH], sc.add_bos, sc.add_eos)
             by_split: dict[str, list] = {"train": [], "validation": []}
             for ids_, split in zip(encoded, keep_split[i : i + ENCODE_BATCH]):
                 by_split[split].append(ids_)
@@ -201,7 +191,7 @@ def build_manifest(cfg: PrepConfig, tokenize: list[dict], model_file: Path, voca
         "dtype": "uint16" if vocab["vocab_size"] <= 65536 else "uint32",
         "add_bos": cfg.shards.add_bos,
         "add_eos": cfg.shards.add_eos,
-        "tokenizer": {"model": "../tokenizer/tokenizer.model", "sha256": sha256_file(model_file), **vocab},
+        "tokenizer": {"model": f"../tokenizer/{model_file.name}", "sha256": sha256_file(model_file), **vocab},
         "shards": shards,
         "splits": splits,
         "sources": dict(sorted(sources.items())),

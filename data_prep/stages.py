@@ -56,7 +56,8 @@ class Context:
 
     @property
     def model_file(self) -> Path:
-        return self.tokenizer_dir / "tokenizer.model"
+        """The tokenizer file that is the source of truth for ids (tokenizer.type)."""
+        return self.tokenizer_dir / self.cfg.tokenizer.file_name
 
     @property
     def shard_dir(self) -> Path:
@@ -93,7 +94,8 @@ _PREPARED = ("sources", "read", "clean", "filters", "filter_sets", "minhash", "e
 _SAMPLE = (*_PREPARED, "tokenizer.sample_bytes", "shards.validation_fraction", "shards.split_seed")
 _DEPENDS = (("work/plan.json", ("sources",)), ("work/prepare", _PREPARED), ("work/dedup", _PREPARED),
             ("work/sample", _SAMPLE), ("work/tokenizer_sample.txt", _SAMPLE),
-            ("tokenizer/tokenizer.model", (*_SAMPLE, "tokenizer")), ("work/tokenize", ("",)),
+            ("tokenizer/tokenizer.model", (*_SAMPLE, "tokenizer")), ("tokenizer/tokenizer.json", (*_SAMPLE, "tokenizer")),
+            ("work/tokenize", ("",)),
             ("shards/manifest.json", ("",)), ("stats.json", ("",)))
 
 
@@ -314,19 +316,32 @@ class TrainTokenizer(Stage):
         _some_document_left(ctx)
         ctx.tokenizer_dir.mkdir(parents=True, exist_ok=True)
         if not ctx.model_file.exists():
-            if tc.existing_model:
-                shutil.copyfile(tc.existing_model, ctx.model_file.with_name(".tokenizer.model.tmp"))
-                os.replace(ctx.model_file.with_name(".tokenizer.model.tmp"), ctx.model_file)
+            existing = tc.existing if tc.type == "bpe" else tc.existing_model
+            if existing:
+                tmp = ctx.model_file.with_name(f".{ctx.model_file.name}.tmp")
+                shutil.copyfile(existing, tmp)
+                os.replace(tmp, ctx.model_file)
             else:
-                _require(ctx, ctx.task_dirs(), "prepare")
                 _require_dedup(ctx)
                 sample = ctx.work / "tokenizer_sample.txt"
                 if not sample.exists():
                     write_sample(ctx, ex, sample)
                 threads = tc.threads or os.cpu_count() or 1
                 LocalSingle().run("train tokenizer", lambda: _train(sample, ctx.tokenizer_dir, tc, threads))
-        if not (ctx.tokenizer_dir / "tokenizer.json").exists():
+        if tc.type == "bpe":
+            _check_special_tokens(ctx)
+        elif not (ctx.tokenizer_dir / "tokenizer.json").exists():
             LocalSingle().run("export HF files", lambda: export_hf(ctx.model_file, ctx.tokenizer_dir))
+
+
+def _check_special_tokens(ctx: Context) -> None:
+    """BOS and EOS found before any document is tokenized (data_prep.bpe.special_tokens)."""
+    from data_prep.bpe import TokenizerFileError, special_tokens
+
+    try:
+        special_tokens(ctx.model_file, ctx.cfg.tokenizer.bos_token, ctx.cfg.tokenizer.eos_token)
+    except TokenizerFileError as e:
+        raise StageError(str(e)) from None
 
 
 def _some_document_left(ctx: Context) -> None:
@@ -359,14 +374,31 @@ def _train(sample: Path, out_dir: Path, tc, threads: int) -> None:
 
     from data_prep.tokenizer import train_sentencepiece
 
+    if tc.type == "bpe":
+        return _train_bpe(sample, out_dir, tc)
     try:
         train_sentencepiece(sample, out_dir, tc, threads)
     except RuntimeError as e:
         m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
         if not m:
             raise
-        raise StageError(f"tokenizer.vocab_size: {m.group(1)} is more than the training sample supports "
-                         f"(at most {m.group(2)}); lower it, or raise tokenizer.sample_bytes or add input") from None
+        raise _too_few(tc.vocab_size, f"at most {m.group(2)}") from None
+
+
+def _train_bpe(sample: Path, out_dir: Path, tc) -> None:
+    """`tokenizers` stops early, without an error, when the sample has no more pairs to merge:
+    that is refused here, as SentencePiece refuses it, before the file is written."""
+    from data_prep.bpe import save, train_bpe, vocab_size
+
+    tok = train_bpe(sample, tc)
+    if vocab_size(tok) < tc.vocab_size:
+        raise _too_few(tc.vocab_size, f"{vocab_size(tok)} tokens")
+    save(tok, out_dir / "tokenizer.json")
+
+
+def _too_few(asked: int, supported: str) -> StageError:
+    return StageError(f"tokenizer.vocab_size: {asked} is more than the training sample supports "
+                      f"({supported}); lower it, or raise tokenizer.sample_bytes or add input")
 
 
 class Tokenize(Stage):
@@ -376,6 +408,11 @@ class Tokenize(Stage):
         _require(ctx, ctx.task_dirs(), "prepare")
         _require(ctx, [ctx.model_file], "train-tokenizer")
         _require_dedup(ctx)
+        from data_prep import encoders
+
+        # Loaded here before the workers fork: for a tokenizer.json this sets one thread per
+        # process, so `tokenizers` does not warn in each worker after training used its pool.
+        encoders.load(ctx.model_file, ctx.cfg.tokenizer)
         ctx.shard_dir.mkdir(parents=True, exist_ok=True)
         (ctx.work / "tokenize").mkdir(parents=True, exist_ok=True)
         ex.map("tokenize+shard", partial(_tokenize, ctx), ctx.plan, [t.bytes for t in ctx.plan], unit="B")
@@ -385,16 +422,14 @@ class Finalize(Stage):
     name, command = "finalize", "finalize"
 
     def run(self, ctx, ex):
-        import sentencepiece as spm
+        from data_prep import encoders
 
         tok_markers = [ctx.work / "tokenize" / f"task-{t.index:05d}.json" for t in ctx.plan]
         _require(ctx, tok_markers, "tokenize")
         _require(ctx, [ctx.dedup_dir / "duplicate_ids.json"], "dedup")
         prep = [json.loads((d / "stats.json").read_text()) for d in ctx.task_dirs()]
         toks = [json.loads(p.read_text()) for p in tok_markers]
-        sp = spm.SentencePieceProcessor(model_file=str(ctx.model_file))
-        vocab = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-                 "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
+        vocab = encoders.load(ctx.model_file, ctx.cfg.tokenizer).vocab()
         stats = aggregate(prep, toks, off=ctx.dedup_off,
                           duplicate_ids=json.loads((ctx.dedup_dir / "duplicate_ids.json").read_text()))
         stats["splits"] = {s: {k: sum(t["splits"][s][k] for t in toks) for k in ("documents", "tokens")} for s in ("train", "validation")}

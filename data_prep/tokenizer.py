@@ -123,26 +123,32 @@ def export_hf(model_file: Path, out_dir: Path) -> None:
     """
     from transformers import PreTrainedTokenizerFast
 
-    tmp = out_dir.parent / f".{out_dir.name}.hf.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=build_hf_tokenizer(model_file),
         bos_token=BOS, eos_token=EOS, unk_token=UNK,
         add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
         model_max_length=1_000_000_000_000_000_019_884_624_838_656,
     )
+    save_hf_files(fast, out_dir, {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}, {"legacy": False})
+
+
+def save_hf_files(fast, out_dir: Path, special: dict, extra: dict, keep: Path | None = None) -> None:
+    """`fast.save_pretrained` into out_dir, in a form transformers 4.x and 5.x both load;
+    `keep`: a tokenizer.json written unchanged in place of the re-serialised one."""
+    tmp = out_dir.parent / f".{out_dir.name}.hf.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
     cfg_path = tmp / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["legacy"] = False
+    cfg = {**json.loads(cfg_path.read_text()), **extra}
     # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; this one loads in both.
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    # "<s>" typed in a document is text to SentencePiece; without this, transformers would
-    # turn it into the BOS id.
+    # A special token's name typed in a document is text to data prep (SentencePiece, and
+    # data_prep.encoders.BpeEncoder); without this, transformers would turn it into its id.
     cfg["split_special_tokens"] = True
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    smap = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
-    (tmp / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, sort_keys=True) + "\n")
+    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+    if keep is not None:
+        shutil.copyfile(keep, tmp / "tokenizer.json")
     for f in sorted(tmp.iterdir()):
         os.replace(f, out_dir / f.name)
     shutil.rmtree(tmp)

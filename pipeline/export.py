@@ -13,14 +13,15 @@ one layer, never the model.
 The output holds config.json (max_position_embeddings: the context the weights were trained
 for), generation_config.json (greedy decoding unless a caller asks to sample),
 `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`, the tokenizer
-(tokenizer.model plus files that transformers 4.x and 5.x load as `PreTrainedTokenizerFast`) and
+(SentencePiece's tokenizer.model, or a byte-level BPE's tokenizer.json unchanged, plus the files
+that transformers 4.x and 5.x load as `PreTrainedTokenizerFast` with the data's ids) and
 a model card (base model, licence and tokens for continued pretraining; no local paths). It is
 written under a temporary name and renamed when complete, readable as the umask allows, so a
 directory named OUT is always whole; on any error nothing is left behind, and what a killed
 export left (`.OUT.tmp-HOST-PID-*`) is removed by the next export to OUT on that host.
 
 The tokenizer is the data-prep one the checkpoint's manifest names, or --tokenizer DIR (a
-directory holding its tokenizer.model; checked against the manifest's sha256 when the manifest is
+directory holding its tokenizer.model or tokenizer.json; checked against the manifest's sha256 when the manifest is
 still there). --tie-embeddings: a base model imported with tied embeddings is exported tied when
 the head still equals the embedding ("auto", which then reads the checkpoint twice); "yes"
 requires them equal, "no" never ties.
@@ -28,7 +29,8 @@ requires them equal, "no" never ties.
 --verify loads the exported files in fp32 with `transformers` and compares their logits with our
 model's whose weights are cast to --dtype and back: the same function, so the fp32 tolerance
 holds at any dtype and a wrong mapping (say gate and up swapped) cannot pass; it fails (exit 3,
-no output) past it. It also checks that AutoTokenizer gives the SentencePiece model's ids. See
+no output) past it. It also checks that AutoTokenizer gives the data's ids (SentencePiece's, or
+`tokenizers`' for a tokenizer.json). See
 docs/export.md.
 """
 
@@ -180,8 +182,7 @@ def copy_tokenizer(src: Source, out: Path, tokenizer_dir: str | Path | None = No
                 shutil.copy2(src.dir / name, out / name)
         loadable_in_4x(out / "tokenizer_config.json")
         return {"bos_id": src.meta.get("bos_token_id", 1), "eos_id": src.meta.get("eos_token_id", 2),
-                "data": None, "model": src.dir / "tokenizer.model"}
-    from data_prep.tokenizer import export_hf
+                "data": None, "model": tokenizer_file(src.dir)}
     from pipeline.data import Manifest, ManifestError
 
     manifest_path = Path(src.profile["data"]["manifest"])
@@ -189,33 +190,53 @@ def copy_tokenizer(src: Source, out: Path, tokenizer_dir: str | Path | None = No
         manifest = Manifest.load(manifest_path)
     except ManifestError as e:
         if tokenizer_dir is None or manifest_path.exists():
-            hint = "" if manifest_path.exists() else "; pass --tokenizer DIR (the directory of its tokenizer.model)"
+            hint = "" if manifest_path.exists() else "; pass --tokenizer DIR (the directory of its tokenizer.model or .json)"
             raise ExportError(f"{src.dir / 'profile.json'}: data.manifest: {e}{hint}") from None
         manifest = None
-    model = Path(tokenizer_dir) / "tokenizer.model" if tokenizer_dir else manifest.tokenizer.model_path
+    model = tokenizer_file(Path(tokenizer_dir)) if tokenizer_dir else manifest.tokenizer.model_path
     if not model.exists():
         hint = "" if tokenizer_dir else " (named by the data manifest); pass --tokenizer DIR if it moved"
         raise ExportError(f"{model}: tokenizer model missing{hint}")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model))
     if manifest is not None:
         digest = hashlib.sha256(model.read_bytes()).hexdigest()
         if digest != manifest.tokenizer.sha256:
             raise ExportError(f"{model}: sha256 {digest[:12]}… differs from the manifest's {manifest.tokenizer.sha256[:12]}…; "
                               "not the tokenizer the data was tokenized with")
-    elif sp.get_piece_size() > src.cfg.vocab_size:
-        raise ExportError(f"{model}: {sp.get_piece_size()} pieces, more than the model's vocabulary {src.cfg.vocab_size}")
-    shutil.copy2(model, out / "tokenizer.model")
-    export_hf(out / "tokenizer.model", out)  # the transformers files, made from the model itself
-    bos, eos = (manifest.tokenizer.bos_id, manifest.tokenizer.eos_id) if manifest else (sp.bos_id(), sp.eos_id())
+    kind = {"type": "bpe" if model.suffix == ".json" else "sentencepiece"}
+    vocab = write_tokenizer(model, out, manifest.raw["tokenizer"] if manifest else kind)
+    if manifest is None and vocab["vocab_size"] > src.cfg.vocab_size:
+        raise ExportError(f"{model}: {vocab['vocab_size']} ids, more than the model's vocabulary {src.cfg.vocab_size}")
+    bos, eos = (manifest.tokenizer.bos_id, manifest.tokenizer.eos_id) if manifest else (vocab["bos_id"], vocab["eos_id"])
     data = None
     if manifest is not None:
         train_tokens = manifest.raw.get("splits", {}).get("train", {}).get("tokens")
         sources = sorted({s.source for s in manifest.shards})
         data = {"name": f"{manifest.path.parent.parent.name}/{manifest.path.parent.name}/{manifest.path.name}",
                 "train_tokens": train_tokens, "sources": sources}
-    return {"bos_id": bos, "eos_id": eos, "data": data, "model": out / "tokenizer.model"}
+    return {"bos_id": bos, "eos_id": eos, "data": data, "model": out / model.name}
+
+
+def tokenizer_file(directory: Path) -> Path:
+    """A directory's tokenizer: its SentencePiece tokenizer.model, else a byte-level BPE's
+    tokenizer.json (data prep writes both for SentencePiece, the .json alone for BPE)."""
+    return directory / "tokenizer.model" if (directory / "tokenizer.model").exists() else directory / "tokenizer.json"
+
+
+def write_tokenizer(model: Path, out: Path, described: dict) -> dict:
+    """The tokenizer file and the transformers files made from it; its vocabulary description
+    (data_prep.encoders: size, BOS and EOS, for a tokenizer.json as the manifest names them)."""
+    from data_prep import bpe, encoders, tokenizer
+
+    try:
+        vocab = encoders.described(model, described).vocab()
+    except bpe.TokenizerFileError as e:
+        raise ExportError(str(e)) from None
+    if vocab["type"] == "bpe":
+        bpe.export_hf(model, out, vocab["bos_token"], vocab["eos_token"])  # tokenizer.json unchanged
+    else:
+        shutil.copy2(model, out / "tokenizer.model")
+        tokenizer.export_hf(out / "tokenizer.model", out)  # the transformers files, made from the model itself
+    return vocab
 
 
 def loadable_in_4x(config: Path) -> None:
@@ -309,8 +330,8 @@ def model_card(src: Source, data: dict, dtype: str, verified: dict | None, tied:
 def verify(src: Source, hf_dir: Path, dtype: str, tokenizer_model: Path | None, seed: int = 0) -> dict:
     """Logits of the exported `transformers` model loaded in fp32 vs our model with the weights
     cast to `dtype` and back: the same numbers on both sides, so a difference past summation-order
-    noise is a wrong mapping at any dtype. Tokenizer ids of AutoTokenizer vs SentencePiece on a
-    sample text. Raises ExportError past the tolerance."""
+    noise is a wrong mapping at any dtype. Tokenizer ids of AutoTokenizer vs the data's
+    tokenizer on a sample text. Raises ExportError past the tolerance."""
     from transformers import AutoModelForCausalLM
 
     cfg = src.cfg
@@ -329,18 +350,29 @@ def verify(src: Source, hf_dir: Path, dtype: str, tokenizer_model: Path | None, 
     if not diff <= tol:  # also catches NaN
         raise ExportError(f"verification failed: largest logit difference {diff:.3g} exceeds the tolerance {tol:.3g} "
                           f"(both in fp32 from the {dtype} weights); the export is not equivalent to the checkpoint")
-    if tokenizer_model is not None and (hf_dir / "tokenizer.model").exists():
-        import sentencepiece as spm
+    if tokenizer_model is not None and (hf_dir / tokenizer_model.name).exists():
         from transformers import AutoTokenizer
 
-        sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
-        hf_tok = AutoTokenizer.from_pretrained(hf_dir)
         text = "Licensed under the Apache License, Version 2.0 (the \"License\"); café 123  \t tabs ✓."
-        a, b = sp.encode(text), hf_tok(text, add_special_tokens=False)["input_ids"]
-        if a != b:
-            raise ExportError(f"verification failed: AutoTokenizer ids {b[:12]}… differ from SentencePiece's {a[:12]}…")
-        result["tokenizer"] = "matches SentencePiece"
+        want, source = _reference_ids(hf_dir / tokenizer_model.name, text)
+        got = AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            raise ExportError(f"verification failed: AutoTokenizer ids {got[:12]}… differ from {source}'s {want[:12]}…")
+        result["tokenizer"] = f"matches {source}"
     return result
+
+
+def _reference_ids(model: Path, text: str) -> tuple[list[int], str]:
+    """The ids the data was tokenized with (no BOS/EOS), and whose they are."""
+    if model.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model))
+        tok.encode_special_tokens = True  # as data prep encodes (data_prep.encoders.BpeEncoder)
+        return tok.encode(text, add_special_tokens=False).ids, "tokenizers"
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model)).encode(text), "SentencePiece"
 
 
 def choose_tied(src: Source, mode: str) -> bool:
@@ -390,7 +422,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default)")
     p.add_argument("--verify", action="store_true", help="compare logits with our model; fail past the tolerance")
-    p.add_argument("--tokenizer", metavar="DIR", help="directory holding the run's tokenizer.model, where the data-prep "
+    p.add_argument("--tokenizer", metavar="DIR", help="directory holding the run's tokenizer.model or tokenizer.json, where the data-prep "
                                                       "directory the checkpoint names is gone (another machine)")
     p.add_argument("--tie-embeddings", default="auto", choices=["auto", "yes", "no"],
                    help="export lm_head tied to the embedding: auto (default) when the base model was tied and the "

@@ -140,9 +140,11 @@ def compare_tokenizers(path: Path, meta: dict, manifest: Manifest, remap: bool) 
     """None when the imported tokenizer is the data's; with `remap`, the base id of every data id
     (-1 where the base has no such token); otherwise InitFromError naming both files."""
     tok = manifest.tokenizer
-    ours = path / "tokenizer.model"
-    if ours.exists() and hashlib.sha256(ours.read_bytes()).hexdigest() == tok.sha256:
+    # The same file (a .model, or the base's own tokenizer.json given to data prep as tokenizer.existing).
+    if any(f.exists() and hashlib.sha256(f.read_bytes()).hexdigest() == tok.sha256
+           for f in (path / "tokenizer.model", path / "tokenizer.json")):
         return None
+    ours = path / "tokenizer.model"
     if ours.exists():
         theirs = sentencepiece_tokens(ours)
     elif (path / "tokenizer.json").exists():
@@ -150,7 +152,7 @@ def compare_tokenizers(path: Path, meta: dict, manifest: Manifest, remap: bool) 
     else:
         raise InitFromError(f"{path}: no tokenizer.model or tokenizer.json, so the data's ids ({tok.model_path}) cannot "
                             "be checked against the imported model's; copy the base model's tokenizer files into it")
-    data = sentencepiece_tokens(tok.model_path)
+    data = tokenizer_json_tokens(tok.model_path) if tok.model_path.suffix == ".json" else sentencepiece_tokens(tok.model_path)
     # Specials by role: <s> of one tokenizer is <|begin_of_text|> of another.
     data[tok.bos_id], data[tok.eos_id] = b"\0bos", b"\0eos"
     for role, key in ((b"\0bos", "bos_token_id"), (b"\0eos", "eos_token_id")):
@@ -164,7 +166,7 @@ def compare_tokenizers(path: Path, meta: dict, manifest: Manifest, remap: bool) 
         raise InitFromError(
             f"{path}: the imported tokenizer is not the data's ({tok.model_path}): {len(differ)} ids differ (first: "
             f"id {i}, {_piece(theirs, i)} vs {_piece(data, i)}); tokenize the data with the base model's tokenizer "
-            "(data_prep tokenizer.existing_model) or pass --remap-vocab")
+            "(data_prep tokenizer.existing_model, or tokenizer.existing for a tokenizer.json) or pass --remap-vocab")
     index = {}
     for i, b in enumerate(theirs):
         if b is not None:

@@ -104,19 +104,18 @@ def check_tokenizer(raw: ProfileFile, manifest: Manifest) -> list[str]:
     if digest != tok.sha256:
         failures.append(f"tokenizer: {tok.model_path}: sha256 {digest[:12]}… is not the manifest's {tok.sha256[:12]}… "
                         "(the shards were tokenized with another tokenizer)")
+    from data_prep import encoders
+
     try:
-        import sentencepiece as spm
-    except ImportError:
-        return failures
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(tok.model_path))
+        have = encoders.described(tok.model_path, manifest.raw["tokenizer"]).vocab()
     except Exception as e:  # noqa: BLE001 - any load failure is the finding
-        failures.append(f"tokenizer: {tok.model_path}: not a SentencePiece model ({str(e).splitlines()[0][:80]})")
+        kind = "tokenizers tokenizer.json" if manifest.raw["tokenizer"].get("type") == "bpe" else "SentencePiece model"
+        failures.append(f"tokenizer: {tok.model_path}: not a {kind} ({str(e).splitlines()[0][:80]})")
         return failures
-    for what, have, want in (("vocabulary size", sp.get_piece_size(), tok.vocab_size),
-                             ("bos_id", sp.bos_id(), tok.bos_id), ("eos_id", sp.eos_id(), tok.eos_id)):
-        if have != want:
-            failures.append(f"tokenizer: {tok.model_path}: {what} is {have} but {manifest.path} says {want}")
+    for what, key, want in (("vocabulary size", "vocab_size", tok.vocab_size), ("bos_id", "bos_id", tok.bos_id),
+                            ("eos_id", "eos_id", tok.eos_id)):
+        if have[key] != want:
+            failures.append(f"tokenizer: {tok.model_path}: {what} is {have[key]} but {manifest.path} says {want}")
     return failures
 
 

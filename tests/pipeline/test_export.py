@@ -443,6 +443,18 @@ def test_pipeline_layer_files_are_named_as_deepspeed_names_them(pipe_run):
 
 # --- continued pretraining: Hugging Face → import_hf → trainer --init-from → export ---------
 
+def tiny_llama3(tok, **extra):
+    """A Llama-3-like config (theta 5e5, eps 1e-6, context 2048, llama3 rope scaling) of
+    ds_configs/tiny_cpu.json's shape, for the vocabulary of `tok` (a manifest's tokenizer)."""
+    import transformers
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024}
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
+                                    rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope, **extra)
+
+
 @pytest.mark.parametrize("engine", ["zero3", "zero2", "pipeline"])
 def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tmp_path):
     """A step at lr 1e-30 changes no fp32 weight (the update is far below one ulp), so the
@@ -463,12 +475,7 @@ def test_hf_import_train_export_round_trip_is_bit_identical(engine, manifest, tm
     profile = PIPELINE if engine == "pipeline" else REPO / "ds_configs" / "tiny_cpu.json"
     stage = ["--set", "topology.engine=zero", "--set", "deepspeed.zero_optimization.stage=2"] if engine == "zero2" else []
     tok = Manifest.load(manifest).tokenizer
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 1024}
-    hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=2048,
-                                      rms_norm_eps=1e-6, rope_theta=500000.0, rope_scaling=rope,
-                                      tie_word_embeddings=engine != "zero3")
+    hf_cfg = tiny_llama3(tok, tie_word_embeddings=engine != "zero3")
     torch.manual_seed(1)
     base = transformers.LlamaForCausalLM(hf_cfg)
     base.save_pretrained(tmp_path / "published")
@@ -510,3 +517,75 @@ def test_run_without_checkpoints_is_named_as_such(tmp_path):
     assert proc.stderr.count("\n") == 1 and "no checkpoints here" in proc.stderr, proc.stderr
     assert ".staging" not in proc.stderr and "--tag" not in proc.stderr, proc.stderr
     assert_nothing_left(out)
+
+
+# --- byte-level BPE: a Llama-3-style base with data tokenized by its own tokenizer.json ------
+
+TF4_BPE_IDS = """
+import json, sys
+import transformers
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+assert transformers.__version__.startswith("4."), transformers.__version__
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+raw = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+raw.encode_special_tokens = True
+texts = json.loads(sys.stdin.read())
+print(json.dumps([tok(t)["input_ids"] == raw.encode(t).ids and tok.decode(tok(t)["input_ids"], skip_special_tokens=True) == t
+                  for t in texts]))
+"""
+
+
+@pytest.mark.slow
+def test_llama3_style_base_with_bpe_data_needs_no_remap_and_exports_for_transformers_4_and_5(tmp_path, capsys):
+    """Data prep trains a byte-level BPE (Llama 3's layout) on real text; a tiny Llama-3-style
+    model published with that tokenizer.json is imported, trained 3 steps on the data with
+    --init-from and no --remap-vocab (the tokenizer check passes: the same file), exported with
+    --verify (transformers' logits equal ours; AutoTokenizer's ids equal `tokenizers`'), and
+    the exported tokenizer gives the data's ids and decodes them back in transformers 5 and 4.
+    Failed first: data prep had no BPE, and export read every tokenizer as SentencePiece."""
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from data_prep.bpe import export_hf
+    from pipeline.data import Manifest
+    from pipeline.import_hf import import_hf
+    from runs import cpu_env
+
+    config = json.loads((REPO / "data_prep/configs/demo.json").read_text())
+    config["sources"][0]["max_bytes"] = 3_000_000
+    config["tokenizer"] = {"type": "bpe", "vocab_size": 1000, "sample_bytes": 1_500_000}
+    config["shards"]["validation_fraction"] = 0.1
+    (tmp_path / "prep.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(tmp_path / "prep.json"), "--out",
+                    str(tmp_path / "data")], cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=600)
+    manifest = tmp_path / "data" / "shards" / "manifest.json"
+    tok = Manifest.load(manifest).tokenizer
+    hf_cfg = tiny_llama3(tok, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(2)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "published")
+    export_hf(tok.model_path, tmp_path / "published", "<|begin_of_text|>", "<|end_of_text|>")  # as a hub directory has it
+    import_hf(tmp_path / "published", tmp_path / "init", base_model="org/tiny-llama3", license="llama3.2")
+    run = train(tmp_path / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json", "--set", "model.max_seq_len=null",
+                "--init-from", str(tmp_path / "init"))
+    assert sorted(train_losses(run)) == [1, 2, 3]
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    assert "tokenizer matches tokenizers" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    assert (out / "tokenizer.json").read_bytes() == tok.model_path.read_bytes()
+    assert not (out / "tokenizer.model").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["vocab_size"]) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    # The data's ids: the exported tokenizer gives them, and decodes them back, in both transformers.
+    texts = [t[:2000] for t in licence_texts()[:4]] + ["café 123  \t tabs ✓ 漢字 🙂", "a <|end_of_text|> inside"]
+    raw = Tokenizer.from_file(str(tok.model_path))
+    raw.encode_special_tokens = True
+    hf = AutoTokenizer.from_pretrained(out)
+    for t in texts:
+        ids = hf(t)["input_ids"]
+        assert ids == raw.encode(t).ids and ids[0] == tok.bos_id and hf.decode(ids, skip_special_tokens=True) == t
+    proc = subprocess.run([tf4_python(), "-c", TF4_BPE_IDS, str(out)], input=json.dumps(texts), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True] * len(texts)

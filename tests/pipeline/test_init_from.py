@@ -74,7 +74,7 @@ def test_a_contradicting_profile_is_refused_naming_both_values(manifest, base, o
 def swapped_tokenizer(base: Path, to: Path, a: int, b: int) -> Path:
     """`base` with a tokenizer.json whose tokens `a` and `b` trade ids (and no tokenizer.model)."""
     shutil.copytree(base, to)
-    (to / "tokenizer.model").unlink()
+    (to / "tokenizer.model").unlink(missing_ok=True)
     spec = json.loads((to / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     ka, kb = [k for k, v in vocab.items() if v == a][0], [k for k, v in vocab.items() if v == b][0]
@@ -95,6 +95,44 @@ def test_the_imported_tokenizer_must_be_the_datas(manifest, base, tmp_path):
         (none / f).unlink()
     with pytest.raises(InitFromError, match="no tokenizer.model or tokenizer.json"):
         adopt(profile(manifest), manifest, none)
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory) -> tuple[Manifest, Path]:
+    """Data prep with a byte-level BPE trained on real text, and a Llama-3-style base of the tiny
+    shape published with that tokenizer.json."""
+    import subprocess
+    import sys
+
+    from runs import cpu_env
+
+    d = tmp_path_factory.mktemp("bpe")
+    config = json.loads((REPO / "data_prep/configs/demo.json").read_text())
+    config["sources"][0]["max_bytes"] = 2_000_000
+    config["tokenizer"] = {"type": "bpe", "vocab_size": 600}
+    (d / "prep.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(d / "prep.json"), "--out", str(d / "data")],
+                   cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=600)
+    manifest = Manifest.load(d / "data" / "shards" / "manifest.json")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=manifest.tokenizer.vocab_size,
+                                   max_position_embeddings=2048, rope_theta=500000.0, rope_scaling=ROPE,
+                                   bos_token_id=manifest.tokenizer.bos_id, eos_token_id=manifest.tokenizer.eos_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "hf")
+    shutil.copy(manifest.tokenizer.model_path, d / "hf" / "tokenizer.json")
+    return manifest, import_hf(d / "hf", d / "init", base_model="org/base-3", license="llama3.2")
+
+
+def test_bpe_data_is_compared_with_the_imported_tokenizer_json(bpe_data, tmp_path):
+    # Failed first: the data's tokenizer.json was read as a SentencePiece model.
+    manifest, base = bpe_data
+    assert adopt(profile(manifest), manifest, base).rows is None  # the data's own file
+    # The same tokens in another file (re-serialised: another sha256) pass; two ids traded do not.
+    assert adopt(profile(manifest), manifest, swapped_tokenizer(base, tmp_path / "same", 300, 300)).rows is None
+    with pytest.raises(InitFromError, match=r"the imported tokenizer is not the data's .*2 ids differ \(first: id 300"):
+        adopt(profile(manifest), manifest, swapped_tokenizer(base, tmp_path / "other", 300, 301))
+    rows = adopt(profile(manifest), manifest, swapped_tokenizer(base, tmp_path / "remap", 300, 301), remap=True).rows
+    assert rows[300].item() == 301 and rows[301].item() == 300 and rows[:300].tolist() == list(range(300))
 
 
 def test_remap_vocab_carries_rows_over_by_token(manifest, base, tmp_path):
