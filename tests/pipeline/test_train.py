@@ -409,10 +409,11 @@ SHORT = 4  # steps of the speed-switch runs, compared with the first steps of th
 # bf16 against fp32, relative, over the 8 steps. bf16 keeps 8 significant bits (unit roundoff
 # 2^-8 = 0.4 %), but DeepSpeed keeps fp32 master weights and Adam states (and, for the pipeline,
 # accumulates gradients in fp32), so the rounding does not compound across steps. Measured: at
-# most 5.9e-5 (ZeRO-3) and 4.7e-5 (pipeline), up and down, not growing with the steps. A run
-# that lost the fp32 master copy (pure bf16 weights and Adam states) drifts further each step:
-# 1.8e-5 at step 2, 1.4e-4 at step 4, 6.4e-4 at step 8.
-BF16_RTOL = 1e-4
+# most 9.5e-5 (ZeRO-3) and 1.09e-4 (pipeline) on the suite's data (5.9e-5 and 4.7e-5 on an
+# earlier build of the same fixture), up and down, not growing with the steps. A run that lost
+# the fp32 master copy (pure bf16 weights and Adam states) drifts further each step: 1.8e-5 at
+# step 2, 1.4e-4 at step 4, 6.0e-4 to 6.4e-4 at step 8, 2.4x the bound.
+BF16_RTOL = 2.5e-4
 
 
 def _run(engine: str, manifest: Path, out: Path, *sets: str, steps: int = SHORT) -> dict[int, float]:
