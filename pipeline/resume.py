@@ -1,4 +1,4 @@
-"""What a resume may change, and what it refuses.
+"""Resuming: what a resume may change and what it refuses, the resume point, and its load.
 
 A checkpoint holds weights and optimizer states of one model, built by one engine, trained on
 windows of one length over one tokenizer's ids; its `profile.json` records all of it (and, for
@@ -24,10 +24,12 @@ universal copy made by an attempt whose load then failed is removed.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
+from pipeline import distributed
 from pipeline.checkpoint_reader import CheckpointError
 from pipeline.checkpoints import Checkpoints
+from pipeline.config import Profile
 
 SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "fused_projections")
 REFUSED = ("topology.engine", "deepspeed.zero_optimization.stage", "train.precision",
@@ -112,3 +114,46 @@ def check_resume(ckpts: Checkpoints, tag: str, current: dict, allow: list[str]) 
                 if all(f in ALLOWABLE for f in fields) else "; use another --out to start a new run")
         raise ResumeRefused(f"cannot resume {ckpts.root / tag}: {'; '.join(diffs)}{hint}")
     return differences(saved, current)
+
+
+def topology_of(profile: Profile) -> dict:
+    return {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
+
+
+def resume_point(ckpts: Checkpoints, tag: str | None, profile: Profile) -> tuple[str | None, Profile, bool]:
+    """The tag to load (None: start fresh), the profile to build the engine with (told to read a
+    universal checkpoint when the topology changed since the tag was written), and whether this
+    attempt made that universal copy. Collective (a conversion); raises CheckpointError."""
+    if not tag:
+        return None, profile, False
+    made = not (ckpts.root / f"{tag}_universal").is_dir()
+    load_tag, universal = ckpts.prepare_resume(tag, topology_of(profile))
+    if universal:
+        profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
+    return load_tag, profile, universal and made
+
+
+def resume_state(ckpts: Checkpoints, engine, load_tag: str | None, profile: Profile,
+                 made_universal: bool = False) -> tuple[int, int]:
+    """(step, consumed samples) to continue from: (0, 0), or the checkpoint's, loaded into `engine`.
+    The data position is the saved sample count, not step × batch: a run resumed with another
+    global batch (a world-size-derived batch on fewer ranks) continues with the next unseen sample.
+    A load that fails removes the universal copy this attempt made (rank 0 made it) and raises."""
+    if not load_tag:
+        return 0, 0
+    rank = distributed.rank()
+    try:
+        meta = ckpts.load(engine, load_tag)
+    except BaseException:  # this rank's files; the launcher stops the other ranks
+        if made_universal and rank == 0:
+            shutil.rmtree(ckpts.root / load_tag, ignore_errors=True)
+        raise
+    step, consumed = meta["step"], meta["consumed_samples"]
+    saved_batch = meta.get("global_batch_size", consumed // max(step, 1))
+    if rank == 0:
+        print(f"resumed from {ckpts.root / load_tag} at step {step}", flush=True)
+        if saved_batch != profile.global_batch_size:
+            print(f"global batch changed since {load_tag.removesuffix('_universal')}: {saved_batch} → {profile.global_batch_size} sequences "
+                  f"(world size {meta.get('world_size')} → {distributed.world_size()}); continuing from sample {consumed}, the "
+                  "next unseen one", flush=True)
+    return step, consumed

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -33,6 +32,8 @@ from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_s
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
 from pipeline.faults import FaultInjection, LossSpikeDetector, SkipTracker, Stragglers
 from pipeline.model import Packing
+from pipeline.resume import (ResumeRefused, check_allow_change, check_resume, resume_point, resume_state, resume_tag,
+                             topology_of)
 from pipeline.metrics import WANDB_MISSING, MetricsWriter, WandbRun, detect_peak_flops, flops_per_token, wandb_available
 from pipeline.watchdog import Watchdog
 
@@ -177,7 +178,6 @@ def write_run_files(ckpts: Checkpoints, profile_dict: dict, out: Path) -> None:
 def checked_resume_tag(ckpts: Checkpoints, args: argparse.Namespace, profile_dict: dict) -> str | None:
     """The tag to resume (None: start fresh), refused in one line when the checkpoint's profile
     differs in a field a resume cannot change (pipeline/resume.py). From files only."""
-    from pipeline.resume import ResumeRefused, check_allow_change, check_resume, resume_tag
 
     try:
         check_allow_change(args.allow_change)
@@ -188,26 +188,6 @@ def checked_resume_tag(ckpts: Checkpoints, args: argparse.Namespace, profile_dic
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resuming {tag} with deliberate changes (--allow-change): {'; '.join(changed)}", flush=True)
     return tag
-
-
-def topology_of(profile: Profile) -> dict:
-    return {"data_parallel_size": profile.data_parallel_size, "pipeline_stages": profile.topology.pipeline_stages}
-
-
-def resume_point(ckpts: Checkpoints, tag: str | None, profile: Profile) -> tuple[str | None, Profile, bool]:
-    """The tag to load (None: start fresh), the profile to build the engine with (told to read a
-    universal checkpoint when the topology changed since the tag was written), and whether this
-    attempt made that universal copy."""
-    if not tag:
-        return None, profile, False
-    made = not (ckpts.root / f"{tag}_universal").is_dir()
-    try:
-        load_tag, universal = ckpts.prepare_resume(tag, topology_of(profile))
-    except CheckpointError as e:
-        raise StartError(f"error: {e}") from None
-    if universal:
-        profile = profile.model_copy(update={"deepspeed": {**profile.deepspeed, "checkpoint": {"load_universal": True}}})
-    return load_tag, profile, universal and made
 
 
 def packing_of(profile: Profile, manifest: Manifest) -> Packing | None:
@@ -431,7 +411,10 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
         (out / "hang").mkdir(parents=True, exist_ok=True)  # NCCL's flight recorder, beside the watchdog's stacks
         os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str((out / "hang").resolve() / "nccl-rank-"))
     init_distributed(profile.train.collective_timeout_s)
-    load_tag, profile, made_universal = resume_point(ckpts, tag, profile)
+    try:
+        load_tag, profile, made_universal = resume_point(ckpts, tag, profile)
+    except CheckpointError as e:
+        raise StartError(f"error: {e}") from None
     init_state = initial_weights(init, profile) if not load_tag else None
     torch.manual_seed(profile.train.seed)  # identical initial weights on every rank, and across engines
     from pipeline.engines import build_engine
@@ -440,7 +423,10 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
     del init_state
     if args.init_from and not load_tag and rank == 0:
         print(f"initialised from {args.init_from}", flush=True)
-    start_step, consumed = resume_state(ckpts, engine, load_tag, profile, made_universal)
+    try:
+        start_step, consumed = resume_state(ckpts, engine, load_tag, profile, made_universal)
+    except CheckpointError as e:  # this rank's files; the launcher stops the other ranks
+        raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
     write_run_files(ckpts, profile_dict, out)
     trainer = Trainer(profile, manifest, engine, ckpts, profile_dict, out, preempt, start_step, consumed, faults)
     p, t = profile, profile.train
@@ -449,34 +435,6 @@ def start(args: argparse.Namespace, preempt: Preemption) -> Trainer:
                 f"{p.data.seq_len} tokens | steps {start_step}→{t.steps} | "
                 f"{trainer.train_samples.num_samples} train samples")
     return trainer
-
-
-def resume_state(ckpts: Checkpoints, engine, load_tag: str | None, profile: Profile,
-                 made_universal: bool = False) -> tuple[int, int]:
-    """(step, consumed samples) to continue from: (0, 0), or the checkpoint's, loaded into `engine`.
-    The data position is the saved sample count, not step × batch: a run resumed with another
-    global batch (a world-size-derived batch on fewer ranks) continues with the next unseen sample.
-    A load that fails removes the universal copy this attempt made (rank 0 made it)."""
-    if not load_tag:
-        return 0, 0
-    rank = distributed.rank()
-    try:
-        meta = ckpts.load(engine, load_tag)
-    except BaseException as e:  # this rank's files; the launcher stops the other ranks
-        if made_universal and rank == 0:
-            shutil.rmtree(ckpts.root / load_tag, ignore_errors=True)
-        if isinstance(e, CheckpointError):
-            raise StartError(f"error (rank {rank}): {e}", only_rank0=False) from None
-        raise
-    step, consumed = meta["step"], meta["consumed_samples"]
-    saved_batch = meta.get("global_batch_size", consumed // max(step, 1))
-    if rank == 0:
-        print(f"resumed from {ckpts.root / load_tag} at step {step}", flush=True)
-        if saved_batch != profile.global_batch_size:
-            print(f"global batch changed since {load_tag.removesuffix('_universal')}: {saved_batch} → {profile.global_batch_size} sequences "
-                  f"(world size {meta.get('world_size')} → {world_size()}); continuing from sample {consumed}, the "
-                  "next unseen one", flush=True)
-    return step, consumed
 
 
 def main(argv=None) -> int:
