@@ -107,6 +107,15 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
+def _with_defaults(pinned: dict) -> dict:
+    """A config pinned by an earlier version, with the defaults of fields added since: a field it
+    did not have ran as its default, so it is no change (e.g. tokenizer.type "sentencepiece")."""
+    try:
+        return PrepConfig.model_validate({**pinned, "executor": {}}).resolved()
+    except ValueError:  # a field since removed or renamed: compare as written
+        return pinned
+
+
 def _refuse_change(out: Path, old: dict, new: dict) -> None:
     """StageError naming the first changed field that an existing output depends on."""
     before, after = _flat(old), _flat(new)
@@ -136,7 +145,7 @@ def open_context(cfg: PrepConfig, out: Path, ex=None) -> Context:
     pinned = cfg_file.read_text() if cfg_file.exists() else None
     if pinned != canonical_json(resolved):
         if pinned is not None:
-            _refuse_change(out, json.loads(pinned), resolved)
+            _refuse_change(out, _with_defaults(json.loads(pinned)), resolved)
         atomic_write_text(cfg_file, canonical_json(resolved))
     plan_file = work / "plan.json"
     if not plan_file.exists():

@@ -1,5 +1,6 @@
 """Misconfiguration is answered by one line naming the field, file or flag (exit 2), never a
 traceback. Runs the CLI's main() in this process: the same code path as `python -m data_prep`."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
     most = int(msg.split("(at most ")[1].split(")")[0])
     lower = tiny_config(src, tokenizer={"vocab_size": min(most, 400)}, executor={"workers": 1})
     assert main(["run", "--config", str(write_config(tmp_path / "v.json", lower)), "--out", str(tmp_path / "v")]) == 0
+    # An output pinned by an earlier version, before tokenizer.type existed, ran as its default:
+    # a rerun with today's config is no change (failed first: "tokenizer.type changed from '(unset)'").
+    pinned = tmp_path / "v" / "work" / "config.json"
+    old = json.loads(pinned.read_text())
+    del old["tokenizer"]["type"]
+    pinned.write_text(json.dumps(old))
+    assert main(["run", "--config", str(tmp_path / "v.json"), "--out", str(tmp_path / "v")]) == 0
     # A change that the prepared work depends on is refused, naming the field, both values and the output.
     pii = tiny_config(src, tokenizer={"vocab_size": min(most, 400)}, clean={"pii": True}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", pii), "--out", tmp_path / "v"])
