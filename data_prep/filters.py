@@ -121,68 +121,60 @@ class GopherRepetition:
 
 
 def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) -> str | None:
-    """Gopher's n-gram repetition rules. n-grams are compared by hashes of word ids built with
-    shifted numpy slices (equal ids stand in for equal words; a 64-bit collision inside one
-    document is not a practical concern).
+    """Gopher's n-gram repetition rules. n-grams are compared by 64-bit hashes built over word
+    ids with shifted numpy slices (equal hashes stand in for equal n-grams; a collision inside
+    one document is not a practical concern).
 
     top n-gram: characters of the most frequent n-gram (words joined by spaces) times its
     count; ties go to the n-gram seen first, as Counter.most_common does.
     duplicated n-grams: a left-to-right scan that counts the characters of an n-gram seen
     before and then jumps past it, so overlapping repeats are counted once (datatrove's
     find_all_duplicate). Only n-grams that occur more than once can be found in `seen`, so
-    the scan visits their positions alone: the others only ever go into `seen`, where no one
-    asks for them (most of a document, whose positions cost nothing then)."""
+    the scan visits their positions alone.
+
+    Cost: one dict pass over the words (a word's id is the position of its first occurrence,
+    exact), then per n only the positions where an n-gram can repeat: an n-gram that occurs
+    twice is made of two (n-1)-grams that do, so each n sorts the hashes of those positions
+    alone (on real text a fraction of the document from n = 2 or 3 on)."""
     import numpy as np
 
-    ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
-    lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    cum = np.concatenate([[0], np.cumsum(lens)])
+    n = len(words)
+    first: dict[str, int] = {}
+    ids = np.fromiter(map(first.setdefault, words, range(n)), dtype=np.int64, count=n)
+    # k -> the positions, in order, whose k-gram occurs twice or more
+    repeats = {1: np.flatnonzero(np.bincount(ids, minlength=n)[ids] > 1)}
+    ids = _mix64(ids.view(np.uint64))
     mult = np.uint64(0x9E3779B97F4A7C15)
-    top = dict(top_n_grams)
-    dup = dict(dup_n_grams)
     hashes: dict[int, np.ndarray] = {}
-    h = ids.copy()
+    h = ids
     with np.errstate(over="ignore"):
-        for k in range(2, max(list(top) + list(dup)) + 1):
-            m = len(words) - k + 1
+        for k in range(2, max(list(dict(top_n_grams)) + list(dict(dup_n_grams))) + 1):
+            m = n - k + 1
             if m <= 0:
                 break
             h = h[:m] * mult + ids[k - 1 : k - 1 + m]
             hashes[k] = h
-    repeats: dict[int, np.ndarray] = {}  # k -> whether the k-gram at each position occurs twice or more
+    chars = lambda i, k: sum(map(len, words[i : i + k]))  # noqa: E731  (words only: no spaces)
     for k, frac in top_n_grams:
         if k not in hashes:
             continue
-        order, starts, counts = _groups(hashes[k])
-        best = counts.max()
-        # The most frequent n-gram's first position: the smallest position among its group's.
-        start = int(np.minimum.reduceat(order, starts)[counts == best].min())
-        if (cum[start + k] - cum[start] + k - 1) * int(best) / text_chars > frac:
+        repeats[k], group, counts = _repeated(hashes[k], repeats.get(k - 1))
+        best = max(counts) if len(repeats[k]) else 1
+        # The most frequent n-gram's first position; every n-gram occurs once when best is 1.
+        start = next(i for i, g in zip(repeats[k].tolist(), group) if counts[g] == best) if best > 1 else 0
+        if (chars(start, k) + k - 1) * best / text_chars > frac:
             return f"top_{k}_gram"
-        repeats[k] = np.zeros(len(order), dtype=bool)
-        repeats[k][order[np.repeat(counts > 1, counts)]] = True
     for k, frac in dup_n_grams:
         if k not in hashes:
             continue
-        # A k-gram that repeats is made of two (k-1)-grams that repeat: only those positions
-        # can hold one, and counting among them alone finds every repeat.
-        m = len(hashes[k])
-        prev = repeats.get(k - 1)
-        cand = np.arange(m) if prev is None else np.flatnonzero(prev[:m] & prev[1 : m + 1])
-        order, starts, counts = _groups(hashes[k][cand])
-        group = np.empty(len(cand), dtype=np.int64)  # each candidate's group: equal n-grams, equal numbers
-        group[order] = np.repeat(np.arange(len(counts)), counts)
-        many = counts[group] > 1
-        positions, inverse = cand[many], group[many]
-        repeats[k] = np.zeros(m, dtype=bool)
-        repeats[k][positions] = True
+        repeats[k], group, _ = _repeated(hashes[k], repeats.get(k - 1))
         seen: set[int] = set()
         repeated = nxt = 0
-        for i, g in zip(positions.tolist(), inverse.tolist()):
+        for i, g in zip(repeats[k].tolist(), group):
             if i < nxt:  # inside an n-gram already counted: skipped, as the scan jumps past it
                 continue
             if g in seen:
-                repeated += int(cum[i + k] - cum[i])
+                repeated += chars(i, k)
                 nxt = i + k
             else:
                 seen.add(g)
@@ -191,16 +183,52 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
     return None
 
 
-def _groups(values):
-    """Equal values of a 1-D array: (the positions in sorted order, where each group starts in
-    it, each group's size). One unstable sort: np.unique's return_index needs a stable one,
-    which is slower on hashes, and the smallest position of a group is a reduceat away."""
+def _mix64(x):
+    """splitmix64's finaliser over a uint64 array: word ids (small integers) become
+    well-spread 64-bit values, so that the n-gram hashes built from them do not collide."""
     import numpy as np
 
-    order = np.argsort(values, kind="quicksort")
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) ^ ((x + np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _repeated(h, prev):
+    """The positions, in order, whose n-gram (hashes h) occurs more than once; each one's
+    group (equal n-grams, equal numbers; a list); the groups' sizes (a list, by group).
+    prev: the same positions for (n-1)-grams, or None: only where two repeating (n-1)-grams
+    meet can an n-gram repeat, so only those positions are grouped: by a sort, or in Python
+    where they are few (numpy's per-call cost would dominate)."""
+    import numpy as np
+
+    if prev is None:
+        cand = np.arange(len(h))
+    else:
+        cand = prev[:-1][prev[1:] - prev[:-1] == 1]
+    if len(cand) <= _FEW:
+        values = h[cand].tolist()
+        ids: dict[int, int] = {}
+        group = list(map(ids.setdefault, values, range(len(values))))  # a group: its first index
+        counts = [0] * len(group)
+        for g in group:
+            counts[g] += 1
+        many = [counts[g] > 1 for g in group]
+        return cand[np.array(many, dtype=bool)], list(compress(group, many)), counts
+    values = h[cand]
+    order = np.argsort(values, kind="quicksort")  # unstable is enough: groups, not ranks
     s = values[order]
-    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
-    return order, starts, np.diff(np.append(starts, len(values)))
+    sorted_group = np.concatenate(([0], np.cumsum(s[1:] != s[:-1])))
+    counts = np.bincount(sorted_group)
+    group = np.empty(len(cand), dtype=np.int64)
+    group[order] = sorted_group
+    many = counts[group] > 1
+    return cand[many], group[many].tolist(), counts.tolist()
+
+
+# Below this many candidate positions, _repeated groups them in Python.
+_FEW = 48
 
 
 class C4Rules:
