@@ -20,8 +20,10 @@ from data_prep.rule_tokenizer import BoundedMemo
 from data_prep.words import PUNCTUATION, ends_in_terminal, sentence_count, word_count
 from data_prep.words import words as words_of
 
-_PARAS = re.compile(r"\n{2,}")
-_LINES = re.compile(r"\n+")
+# Written with a literal newline first (the same as \n{2,} and \n+): re then skips to each
+# newline at C speed instead of trying the pattern at every character (2.5-6x faster).
+_PARAS = re.compile(r"\n\n\n*")
+_LINES = re.compile(r"\n\n*")
 _PUNCT = "".join(PUNCTUATION)
 # Gopher's stop words: a document needs at least two of them (case-sensitive, as datatrove).
 _STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -154,7 +156,7 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
                 break
             h = h[:m] * mult + ids[k - 1 : k - 1 + m]
             hashes[k] = h
-    chars = lambda i, k: sum(map(len, words[i : i + k]))  # noqa: E731  (words only: no spaces)
+    chars = _chars_at(words)
     for k, frac in top_n_grams:
         if k not in hashes:
             continue
@@ -162,25 +164,45 @@ def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) ->
         best = max(counts) if len(repeats[k]) else 1
         # The most frequent n-gram's first position; every n-gram occurs once when best is 1.
         start = next(i for i, g in zip(repeats[k].tolist(), group) if counts[g] == best) if best > 1 else 0
-        if (chars(start, k) + k - 1) * best / text_chars > frac:
+        if (chars([start], k) + k - 1) * best / text_chars > frac:
             return f"top_{k}_gram"
     for k, frac in dup_n_grams:
         if k not in hashes:
             continue
         repeats[k], group, _ = _repeated(hashes[k], repeats.get(k - 1))
         seen: set[int] = set()
-        repeated = nxt = 0
+        counted: list[int] = []
+        nxt = 0
         for i, g in zip(repeats[k].tolist(), group):
             if i < nxt:  # inside an n-gram already counted: skipped, as the scan jumps past it
                 continue
             if g in seen:
-                repeated += chars(i, k)
+                counted.append(i)
                 nxt = i + k
             else:
                 seen.add(g)
-        if repeated / text_chars > frac:
+        if chars(counted, k) / text_chars > frac:
             return f"dup_{k}_gram"
     return None
+
+
+def _chars_at(words: list[str]):
+    """chars(starts, k): the characters of the k words from each of `starts` (no spaces). A
+    few starts are summed in Python; many from cumulative word lengths, computed once."""
+    import numpy as np
+
+    cum = None
+
+    def chars(starts: list[int], k: int) -> int:
+        nonlocal cum
+        if len(starts) * 32 < len(words):
+            return sum(sum(map(len, words[i : i + k])) for i in starts)
+        if cum is None:
+            cum = np.concatenate(([0], np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))))
+        at = np.array(starts, dtype=np.int64)
+        return int((cum[at + k] - cum[at]).sum())
+
+    return chars
 
 
 def _mix64(x):
