@@ -94,6 +94,8 @@ class RuleTokenizer:
         token_match, url_match = compiled("token_match"), compiled("url_match")
         self._token_match = token_match.match if token_match else None
         self._url_match = url_match.match if url_match else None
+        # spaCy's URL pattern needs a "." (in the host): a chunk without one needs no match.
+        self._url_needs_dot = not _may_match_within(url_match, _has_not_dot)
         self._specials: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in rules["special_cases"].items()}
         self._punct_chars = frozenset(rules["sentencizer_punct_chars"])
         # The final special-case pass matches the affix split of a special case (computed
@@ -139,7 +141,9 @@ class RuleTokenizer:
             return list(specials[string])
         token_match = self._token_match
         plain = self._letters_plain
-        known = self.words_of_chunk if with_specials else None  # (not yet there in __init__)
+        prefix_search, suffix_search = self._prefix, self._suffix
+        # (the caches are not yet there in __init__, which splits without special cases)
+        new, old = (self.words_of_chunk, self.words_of_chunk.old) if with_specials else ({}, {})
         prefixes: list[str] = []
         suffixes: list[str] = []
         last = 0
@@ -153,14 +157,16 @@ class RuleTokenizer:
             if plain and string.isascii() and string.isalpha():
                 break  # no pattern can match inside it (see _letters_plain): nothing to peel
             last = len(string)
-            pre_len = self._affix_len(self._prefix, string)
+            m = prefix_search(string)
+            pre_len = m.end() - m.start() if m is not None else 0
             if pre_len:
                 prefix, minus_pre = string[:pre_len], string[pre_len:]
                 if minus_pre and minus_pre in specials:
                     string = minus_pre
                     prefixes.append(prefix)
                     break
-            suf_len = self._affix_len(self._suffix, string[pre_len:])
+            m = suffix_search(string[pre_len:] if pre_len else string)
+            suf_len = m.end() - m.start() if m is not None else 0
             if suf_len:
                 suffix, minus_suf = string[-suf_len:], string[:-suf_len]
                 if minus_suf and minus_suf in specials:
@@ -177,12 +183,12 @@ class RuleTokenizer:
             elif suf_len:
                 string = minus_suf
                 suffixes.append(suffix)
+            else:
+                break  # nothing peeled: the loop would end here
             # The loop's decisions depend on the string alone, so the rest of a chunk is
             # tokenized as that string would be on its own: if it was ("word" of "word,"),
             # its tokens before the special-case pass are known.
-            core = known.get(string) if known is not None and string else None
-            if core is None and known is not None and string:
-                core = known.old.get(string)
+            core = new.get(string) or old.get(string)  # (a chunk's tokens are never empty)
             if core is not None:
                 pre = self._passed.get(string)
                 tokens = prefixes + list(core if pre is None else pre)
@@ -194,7 +200,8 @@ class RuleTokenizer:
                 tokens.extend(specials[string])
             elif plain and string.isascii() and string.isalpha():
                 tokens.append(string)
-            elif (token_match is not None and token_match(string)) or (self._url_match is not None and self._url_match(string)):
+            elif (token_match is not None and token_match(string)) or (
+                    self._url_match is not None and ("." in string or not self._url_needs_dot) and self._url_match(string)):
                 tokens.append(string)
             else:
                 start = 0
@@ -390,28 +397,43 @@ class RuleTokenizer:
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
+def _has_letter(lo: int, hi: int) -> bool:
+    return any(lo <= ord(c) <= hi for c in _ASCII_LETTERS)
+
+
+def _has_not_dot(lo: int, hi: int) -> bool:
+    return not lo == hi == ord(".")
+
+
 def _may_match_letters(pattern: re.Pattern | None) -> bool:
     """False only when the pattern provably cannot match anywhere inside a string of ASCII
-    letters: it needs a character (or a lookaround needs one) that is not such a letter. Read
-    from the parsed pattern; any construct not understood here counts as a possible match."""
+    letters (see _may_match_within)."""
+    return _may_match_within(pattern, _has_letter)
+
+
+def _may_match_within(pattern: re.Pattern | None, allowed) -> bool:
+    """False only when the pattern provably cannot match anywhere inside a string of the
+    allowed characters (`allowed(lo, hi)`: whether one is in that code point range): it needs
+    a character (or a lookaround needs one) that is not allowed. Read from the parsed
+    pattern; any construct not understood here counts as a possible match."""
     if pattern is None:
         return False
     from re import _constants as C, _parser
 
     def in_class(items) -> bool:
         for op, av in items:
-            if op is C.LITERAL and chr(av) in _ASCII_LETTERS:
+            if op is C.LITERAL and allowed(av, av):
                 return True
-            if op is C.RANGE and any(av[0] <= ord(c) <= av[1] for c in _ASCII_LETTERS):
+            if op is C.RANGE and allowed(*av):
                 return True
-            if op not in (C.LITERAL, C.RANGE):  # categories, negation: assume a letter is in
+            if op not in (C.LITERAL, C.RANGE):  # categories, negation: assume an allowed one is in
                 return True
         return False
 
-    def may(items) -> bool:  # can this sequence match within letters?
+    def may(items) -> bool:  # can this sequence match within the allowed characters?
         for op, av in items:
             if op is C.LITERAL:
-                ok = chr(av) in _ASCII_LETTERS
+                ok = allowed(av, av)
             elif op is C.IN:
                 ok = in_class(av)
             elif op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
@@ -420,7 +442,7 @@ def _may_match_letters(pattern: re.Pattern | None) -> bool:
                 ok = bool(av[1] & re.IGNORECASE) or may(av[3].data)
             elif op is C.BRANCH:
                 ok = any(may(b.data) for b in av[1])
-            elif op is C.ASSERT:  # a lookaround must see its characters, letters here
+            elif op is C.ASSERT:  # a lookaround must see its characters, allowed ones here
                 ok = may(av[1].data)
             else:  # anchors, negative lookarounds, anything else: no constraint known
                 ok = True

@@ -115,12 +115,16 @@ def test_whitespace_tokens_in_sentence_counts(text):
 def test_guarded_affix_searches_answer_as_the_patterns():
     """The suffix search and infix finditer skip chunks and positions where no alternative can
     start or end (read from the parsed patterns); they answer as the plain patterns do, on
-    random chunks of printable ASCII, Latin-1, other scripts and symbols."""
+    random chunks of printable ASCII, Latin-1, other scripts and symbols. The URL pattern,
+    skipped on chunks without a ".", matches none of them."""
     rules = json.loads(RULES_FILE.read_text(encoding="utf-8"))
     suffix = re.compile(rules["suffix_search"]["pattern"], rules["suffix_search"]["flags"])
     infix = re.compile(rules["infix_finditer"]["pattern"], rules["infix_finditer"]["flags"])
     fast_suffix, fast_infix = _suffix_search(suffix), _infix_finditer(infix)
     assert fast_suffix is not suffix.search and fast_infix is not infix.finditer  # the fast paths are in use
+    url = re.compile(rules["url_match"]["pattern"], rules["url_match"]["flags"])
+    assert RuleTokenizer()._url_needs_dot
+    assert url.match("a.bc/d") and url.match("user@host.org:80/x?y=z")
     alphabet = [chr(c) for c in range(33, 127)] * 4 + [chr(c) for c in range(0xA0, 0x2200, 7)] + ["\U0001f600"]
     rnd = random.Random(0)
     for _ in range(40_000):
@@ -128,6 +132,7 @@ def test_guarded_affix_searches_answer_as_the_patterns():
         m, f = suffix.search(chunk), fast_suffix(chunk)
         assert (m and m.span()) == (f and f.span()), chunk
         assert [m.span() for m in infix.finditer(chunk)] == [m.span() for m in fast_infix(chunk)], chunk
+        assert "." in chunk or not url.match(chunk + "com"), chunk
 
 
 def test_caches_are_bounded():
