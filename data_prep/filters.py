@@ -99,7 +99,9 @@ class GopherRepetition:
     name = "gopher_repetition"
 
     def __init__(self, cfg: GopherRepetitionConfig, splitter: str = "rules"):
-        self.c, self.splitter = cfg, splitter
+        from data_prep.repetition import ngram_rules  # numpy and numba: imported when built
+
+        self.c, self.splitter, self._ngram_rules = cfg, splitter, ngram_rules
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
@@ -119,138 +121,7 @@ class GopherRepetition:
         if not words:
             return None
         # Character fractions are of the whole text, as in datatrove.
-        return _ngram_rules(words, c.top_n_grams, c.dup_n_grams, len(text))
-
-
-def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) -> str | None:
-    """Gopher's n-gram repetition rules. n-grams are compared by 64-bit hashes built over word
-    ids with shifted numpy slices (equal hashes stand in for equal n-grams; a collision inside
-    one document is not a practical concern).
-
-    top n-gram: characters of the most frequent n-gram (words joined by spaces) times its
-    count; ties go to the n-gram seen first, as Counter.most_common does.
-    duplicated n-grams: a left-to-right scan that counts the characters of an n-gram seen
-    before and then jumps past it, so overlapping repeats are counted once (datatrove's
-    find_all_duplicate). Only n-grams that occur more than once can be found in `seen`, so
-    the scan visits their positions alone.
-
-    Cost: one dict pass over the words (a word's id is the position of its first occurrence,
-    exact), then per n only the positions where an n-gram can repeat: an n-gram that occurs
-    twice is made of two (n-1)-grams that do, so each n sorts the hashes of those positions
-    alone (on real text a fraction of the document from n = 2 or 3 on)."""
-    import numpy as np
-
-    n = len(words)
-    first: dict[str, int] = {}
-    ids = np.fromiter(map(first.setdefault, words, range(n)), dtype=np.int64, count=n)
-    # k -> the positions, in order, whose k-gram occurs twice or more
-    repeats = {1: np.flatnonzero(np.bincount(ids, minlength=n)[ids] > 1)}
-    ids = _mix64(ids.view(np.uint64))
-    mult = np.uint64(0x9E3779B97F4A7C15)
-    hashes: dict[int, np.ndarray] = {}
-    h = ids
-    with np.errstate(over="ignore"):
-        for k in range(2, max(list(dict(top_n_grams)) + list(dict(dup_n_grams))) + 1):
-            m = n - k + 1
-            if m <= 0:
-                break
-            h = h[:m] * mult + ids[k - 1 : k - 1 + m]
-            hashes[k] = h
-    chars = _chars_at(words)
-    for k, frac in top_n_grams:
-        if k not in hashes:
-            continue
-        repeats[k], group, counts = _repeated(hashes[k], repeats.get(k - 1))
-        best = max(counts) if len(repeats[k]) else 1
-        # The most frequent n-gram's first position; every n-gram occurs once when best is 1.
-        start = next(i for i, g in zip(repeats[k].tolist(), group) if counts[g] == best) if best > 1 else 0
-        if (chars([start], k) + k - 1) * best / text_chars > frac:
-            return f"top_{k}_gram"
-    for k, frac in dup_n_grams:
-        if k not in hashes:
-            continue
-        repeats[k], group, _ = _repeated(hashes[k], repeats.get(k - 1))
-        seen: set[int] = set()
-        counted: list[int] = []
-        nxt = 0
-        for i, g in zip(repeats[k].tolist(), group):
-            if i < nxt:  # inside an n-gram already counted: skipped, as the scan jumps past it
-                continue
-            if g in seen:
-                counted.append(i)
-                nxt = i + k
-            else:
-                seen.add(g)
-        if chars(counted, k) / text_chars > frac:
-            return f"dup_{k}_gram"
-    return None
-
-
-def _chars_at(words: list[str]):
-    """chars(starts, k): the characters of the k words from each of `starts` (no spaces). A
-    few starts are summed in Python; many from cumulative word lengths, computed once."""
-    import numpy as np
-
-    cum = None
-
-    def chars(starts: list[int], k: int) -> int:
-        nonlocal cum
-        if len(starts) * 32 < len(words):
-            return sum(sum(map(len, words[i : i + k])) for i in starts)
-        if cum is None:
-            cum = np.concatenate(([0], np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))))
-        at = np.array(starts, dtype=np.int64)
-        return int((cum[at + k] - cum[at]).sum())
-
-    return chars
-
-
-def _mix64(x):
-    """splitmix64's finaliser over a uint64 array: word ids (small integers) become
-    well-spread 64-bit values, so that the n-gram hashes built from them do not collide."""
-    import numpy as np
-
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) ^ ((x + np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def _repeated(h, prev):
-    """The positions, in order, whose n-gram (hashes h) occurs more than once; each one's
-    group (equal n-grams, equal numbers; a list); the groups' sizes (a list, by group).
-    prev: the same positions for (n-1)-grams, or None: only where two repeating (n-1)-grams
-    meet can an n-gram repeat, so only those positions are grouped: by a sort, or in Python
-    where they are few (numpy's per-call cost would dominate)."""
-    import numpy as np
-
-    if prev is None:
-        cand = np.arange(len(h))
-    else:
-        cand = prev[:-1][prev[1:] - prev[:-1] == 1]
-    if len(cand) <= _FEW:
-        values = h[cand].tolist()
-        ids: dict[int, int] = {}
-        group = list(map(ids.setdefault, values, range(len(values))))  # a group: its first index
-        counts = [0] * len(group)
-        for g in group:
-            counts[g] += 1
-        many = [counts[g] > 1 for g in group]
-        return cand[np.array(many, dtype=bool)], list(compress(group, many)), counts
-    values = h[cand]
-    order = np.argsort(values, kind="quicksort")  # unstable is enough: groups, not ranks
-    s = values[order]
-    sorted_group = np.concatenate(([0], np.cumsum(s[1:] != s[:-1])))
-    counts = np.bincount(sorted_group)
-    group = np.empty(len(cand), dtype=np.int64)
-    group[order] = sorted_group
-    many = counts[group] > 1
-    return cand[many], group[many].tolist(), counts.tolist()
-
-
-# Below this many candidate positions, _repeated groups them in Python.
-_FEW = 48
+        return self._ngram_rules(words, c.top_n_grams, c.dup_n_grams, len(text))
 
 
 class C4Rules:
