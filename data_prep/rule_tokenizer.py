@@ -16,7 +16,11 @@ its first occurrence; the regular expressions run only on chunks not yet seen. A
 costs less where its rest is known: once a prefix or suffix is peeled off ("word," ->
 "word"), the rest is tokenized as it would be alone, so a cached rest ends the work; and no
 pattern can match inside a run of ASCII letters (`_may_match_letters` proves it on the
-patterns when they load), so such a rest needs no regular expression.
+patterns when they load), so such a rest needs no regular expression. The patterns that do
+run skip what cannot match, read from the parsed patterns when they load: a chunk without a
+"." cannot be a URL; no suffix ends with a character that no alternative ends with; infix
+and suffix matches start with a character from a small set, which a lookahead checks
+before the alternation is tried (`_end_class`).
 
 Memory: each cache holds at most two generations of `cache_entries` chunks (a chunk found in
 the old generation moves to the new one; when the new one is full the old one is dropped: an
