@@ -5,7 +5,7 @@ config.py for the source of each default. Some rules (C4 lines) edit the text th
 from __future__ import annotations
 
 import re
-from itertools import compress
+from itertools import compress, repeat
 
 from data_prep.config import (
     C4Config,
@@ -70,9 +70,10 @@ class GopherQuality:
         if (text.count("...") + text.count("…")) / n > c.max_symbol_word_ratio:
             return "ellipsis_word_ratio"
         lines = text.splitlines()
-        if sum(l.lstrip().startswith(("•", "-")) for l in lines) / len(lines) > c.max_bullet_lines_ratio:
+        # (map over str methods: no Python frame per line)
+        if sum(map(str.startswith, map(str.lstrip, lines), repeat(("•", "-")))) / len(lines) > c.max_bullet_lines_ratio:
             return "bullet_lines_ratio"
-        if sum(l.rstrip().endswith(("...", "…")) for l in lines) / len(lines) > c.max_ellipsis_lines_ratio:
+        if sum(map(str.endswith, map(str.rstrip, lines), repeat(("...", "…")))) / len(lines) > c.max_ellipsis_lines_ratio:
             return "ellipsis_lines_ratio"
         # Every token counts here, punctuation included: the 80% is of tokens with a letter.
         if (kinds.count(_ALPHA) + kinds.count(_REAL | _ALPHA)) / n < c.max_non_alpha_words_ratio:
