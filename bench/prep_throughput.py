@@ -2,7 +2,7 @@
 corpus in the same run (bench only; not a unit test).
 
     make bench-install && python bench/prep_throughput.py --datatrove-python .venv-bench/bin/python \
-        [--corpus docs] [--mb 14] [--workers 1]
+        [--corpus docs] [--mb 14] [--workers 1] [--filters-only]
 
 Corpus: `--corpus` demo (docs, licences and docstrings of the installed packages) or one of
 bench/corpora.py's real corpora built from Debian packages (prose, docs, markup), as jsonl.
@@ -10,7 +10,8 @@ Prints, each figure in MB/s per core (input MB / (wall s x workers)) with its ra
 (a) the four web rules alone (Gopher repetition, Gopher quality, C4, FineWeb, chained as in a
     run, on the same cleaned documents, one process each): ours with the default splitter
     ("rules"), ours with spaCy's ("spacy"), datatrove's four filters; and how many documents
-    each keeps, and on how many both decide alike;
+    each keeps, and on how many both decide alike (`--filters-only`: ours with "rules" and
+    datatrove's alone, then stop);
 (b) the whole prepare stage with those rules (read, clean, filter, exact hashes, MinHash
     signatures), with the language filter off as datatrove's chain has none, and on (the
     default web set), against datatrove's filter chain alone;
@@ -290,6 +291,8 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=14, help="corpus size in MB of text (default 14: >= 10 MB after cleaning)")
     ap.add_argument("--workers", type=int, default=1, help="processes of each pipeline (default 1: the figures are per core)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/prep_bench"), help="scratch directory (emptied first)")
+    ap.add_argument("--filters-only", action="store_true",
+                    help="(a) alone, ours ('rules') and datatrove's: no spaCy splitter, no whole runs")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "corpora", help="where bench/corpora.py keeps corpora")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -310,6 +313,31 @@ def main() -> None:
         split_corpus(docs, corpus, files)
     texts = [t for _, t in docs]
     mb = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6  # every figure: MB of input text
+    result = {"corpus": args.corpus, "MB": mb, "documents": len(texts), "workers": W}
+
+    # (a) the four rules alone, on the same cleaned documents, one process each.
+    cleaner = Cleaner(CleanConfig())
+    cleaned = [c for c in map(cleaner.clean, texts) if c]
+    s_rules, keep_rules = filters_alone(cleaned, "rules")
+    s_dt, keep_dt = datatrove_filters_alone(args.datatrove_python, cleaned, args.work)
+    a = {"rules": mb / s_rules, "datatrove": mb / s_dt}
+    agree = sum(x == y for x, y in zip(keep_rules, keep_dt))
+    print(f"\ncorpus {args.corpus}: {mb:.1f} MB of text, {len(texts)} documents; MB/s per core = input MB / (wall s x processes)")
+    print(f"\n(a) the four web rules alone (Gopher repetition -> Gopher quality -> C4 -> FineWeb), one process each,"
+          f" {len(cleaned)} cleaned documents:")
+    print(f"  ours, words 'rules' {a['rules']:8.2f} MB/s  {a['rules'] / a['datatrove']:6.1f}x datatrove   keeps {sum(keep_rules)}")
+    if not args.filters_only:
+        s_spacy, keep_spacy = filters_alone(cleaned, "spacy")
+        a["spacy"] = mb / s_spacy
+        print(f"  ours, words 'spacy' {a['spacy']:8.2f} MB/s  {a['spacy'] / a['datatrove']:6.1f}x datatrove   keeps {sum(keep_spacy)}")
+    print(f"  datatrove 0.10.1    {a['datatrove']:8.2f} MB/s  {1:6.1f}x            keeps {sum(keep_dt)};"
+          f" same decision as ours on {agree}/{len(cleaned)} documents")
+    result["filters_alone_MBps"] = a
+    if args.filters_only:
+        (args.work / "result.json").write_text(json.dumps(result, indent=2))
+        print(f"\nresult: {args.work / 'result.json'}")
+        return
+
     sample = args.work / "sample.txt"
     with open(sample, "w") as f:
         for line in open(corpus / "part-000.jsonl"):
@@ -317,24 +345,6 @@ def main() -> None:
     model = train_sentencepiece(sample, args.work / "tok", TokenizerConfig(vocab_size=8000), W)
     export_hf(model, args.work / "tok")
     identifier().classify("Compile the language filter's kernel before any timing (cached on disk).")
-    result = {"corpus": args.corpus, "MB": mb, "documents": len(texts), "workers": W}
-
-    # (a) the four rules alone, on the same cleaned documents, one process each.
-    cleaner = Cleaner(CleanConfig())
-    cleaned = [c for c in map(cleaner.clean, texts) if c]
-    s_rules, keep_rules = filters_alone(cleaned, "rules")
-    s_spacy, keep_spacy = filters_alone(cleaned, "spacy")
-    s_dt, keep_dt = datatrove_filters_alone(args.datatrove_python, cleaned, args.work)
-    a = {"rules": mb / s_rules, "spacy": mb / s_spacy, "datatrove": mb / s_dt}
-    result["filters_alone_MBps"] = a
-    agree = sum(x == y for x, y in zip(keep_rules, keep_dt))
-    print(f"\ncorpus {args.corpus}: {mb:.1f} MB of text, {len(texts)} documents; MB/s per core = input MB / (wall s x processes)")
-    print(f"\n(a) the four web rules alone (Gopher repetition -> Gopher quality -> C4 -> FineWeb), one process each,"
-          f" {len(cleaned)} cleaned documents:")
-    print(f"  ours, words 'rules' {a['rules']:8.2f} MB/s  {a['rules'] / a['datatrove']:6.1f}x datatrove   keeps {sum(keep_rules)}")
-    print(f"  ours, words 'spacy' {a['spacy']:8.2f} MB/s  {a['spacy'] / a['datatrove']:6.1f}x datatrove   keeps {sum(keep_spacy)}")
-    print(f"  datatrove 0.10.1    {a['datatrove']:8.2f} MB/s  {1:6.1f}x            keeps {sum(keep_dt)};"
-          f" same decision as ours on {agree}/{len(cleaned)} documents")
 
     # (b) and (c): whole runs. Each starts with a cold word splitter (fresh_splitter).
     runs = {"web rules, language off": FOUR_RULES, "web rules + language": {**FOUR_RULES, "language": {"enabled": True}},

@@ -5,7 +5,7 @@ config.py for the source of each default. Some rules (C4 lines) edit the text th
 from __future__ import annotations
 
 import re
-from itertools import compress
+from itertools import compress, repeat
 
 from data_prep.config import (
     C4Config,
@@ -20,8 +20,10 @@ from data_prep.rule_tokenizer import BoundedMemo
 from data_prep.words import PUNCTUATION, ends_in_terminal, sentence_count, word_count
 from data_prep.words import words as words_of
 
-_PARAS = re.compile(r"\n{2,}")
-_LINES = re.compile(r"\n+")
+# Written with a literal newline first (the same as \n{2,} and \n+): re then skips to each
+# newline at C speed instead of trying the pattern at every character (2.5-6x faster).
+_PARAS = re.compile(r"\n\n\n*")
+_LINES = re.compile(r"\n\n*")
 _PUNCT = "".join(PUNCTUATION)
 # Gopher's stop words: a document needs at least two of them (case-sensitive, as datatrove).
 _STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -68,9 +70,10 @@ class GopherQuality:
         if (text.count("...") + text.count("…")) / n > c.max_symbol_word_ratio:
             return "ellipsis_word_ratio"
         lines = text.splitlines()
-        if sum(l.lstrip().startswith(("•", "-")) for l in lines) / len(lines) > c.max_bullet_lines_ratio:
+        # (map over str methods: no Python frame per line)
+        if sum(map(str.startswith, map(str.lstrip, lines), repeat(("•", "-")))) / len(lines) > c.max_bullet_lines_ratio:
             return "bullet_lines_ratio"
-        if sum(l.rstrip().endswith(("...", "…")) for l in lines) / len(lines) > c.max_ellipsis_lines_ratio:
+        if sum(map(str.endswith, map(str.rstrip, lines), repeat(("...", "…")))) / len(lines) > c.max_ellipsis_lines_ratio:
             return "ellipsis_lines_ratio"
         # Every token counts here, punctuation included: the 80% is of tokens with a letter.
         if (kinds.count(_ALPHA) + kinds.count(_REAL | _ALPHA)) / n < c.max_non_alpha_words_ratio:
@@ -97,7 +100,9 @@ class GopherRepetition:
     name = "gopher_repetition"
 
     def __init__(self, cfg: GopherRepetitionConfig, splitter: str = "rules"):
-        self.c, self.splitter = cfg, splitter
+        from data_prep.repetition import ngram_rules  # numpy and numba: imported when built
+
+        self.c, self.splitter, self._ngram_rules = cfg, splitter, ngram_rules
 
     def __call__(self, rec) -> str | None:
         c, text = self.c, rec.text
@@ -117,90 +122,7 @@ class GopherRepetition:
         if not words:
             return None
         # Character fractions are of the whole text, as in datatrove.
-        return _ngram_rules(words, c.top_n_grams, c.dup_n_grams, len(text))
-
-
-def _ngram_rules(words: list[str], top_n_grams, dup_n_grams, text_chars: int) -> str | None:
-    """Gopher's n-gram repetition rules. n-grams are compared by hashes of word ids built with
-    shifted numpy slices (equal ids stand in for equal words; a 64-bit collision inside one
-    document is not a practical concern).
-
-    top n-gram: characters of the most frequent n-gram (words joined by spaces) times its
-    count; ties go to the n-gram seen first, as Counter.most_common does.
-    duplicated n-grams: a left-to-right scan that counts the characters of an n-gram seen
-    before and then jumps past it, so overlapping repeats are counted once (datatrove's
-    find_all_duplicate). Only n-grams that occur more than once can be found in `seen`, so
-    the scan visits their positions alone: the others only ever go into `seen`, where no one
-    asks for them (most of a document, whose positions cost nothing then)."""
-    import numpy as np
-
-    ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
-    lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    cum = np.concatenate([[0], np.cumsum(lens)])
-    mult = np.uint64(0x9E3779B97F4A7C15)
-    top = dict(top_n_grams)
-    dup = dict(dup_n_grams)
-    hashes: dict[int, np.ndarray] = {}
-    h = ids.copy()
-    with np.errstate(over="ignore"):
-        for k in range(2, max(list(top) + list(dup)) + 1):
-            m = len(words) - k + 1
-            if m <= 0:
-                break
-            h = h[:m] * mult + ids[k - 1 : k - 1 + m]
-            hashes[k] = h
-    repeats: dict[int, np.ndarray] = {}  # k -> whether the k-gram at each position occurs twice or more
-    for k, frac in top_n_grams:
-        if k not in hashes:
-            continue
-        order, starts, counts = _groups(hashes[k])
-        best = counts.max()
-        # The most frequent n-gram's first position: the smallest position among its group's.
-        start = int(np.minimum.reduceat(order, starts)[counts == best].min())
-        if (cum[start + k] - cum[start] + k - 1) * int(best) / text_chars > frac:
-            return f"top_{k}_gram"
-        repeats[k] = np.zeros(len(order), dtype=bool)
-        repeats[k][order[np.repeat(counts > 1, counts)]] = True
-    for k, frac in dup_n_grams:
-        if k not in hashes:
-            continue
-        # A k-gram that repeats is made of two (k-1)-grams that repeat: only those positions
-        # can hold one, and counting among them alone finds every repeat.
-        m = len(hashes[k])
-        prev = repeats.get(k - 1)
-        cand = np.arange(m) if prev is None else np.flatnonzero(prev[:m] & prev[1 : m + 1])
-        order, starts, counts = _groups(hashes[k][cand])
-        group = np.empty(len(cand), dtype=np.int64)  # each candidate's group: equal n-grams, equal numbers
-        group[order] = np.repeat(np.arange(len(counts)), counts)
-        many = counts[group] > 1
-        positions, inverse = cand[many], group[many]
-        repeats[k] = np.zeros(m, dtype=bool)
-        repeats[k][positions] = True
-        seen: set[int] = set()
-        repeated = nxt = 0
-        for i, g in zip(positions.tolist(), inverse.tolist()):
-            if i < nxt:  # inside an n-gram already counted: skipped, as the scan jumps past it
-                continue
-            if g in seen:
-                repeated += int(cum[i + k] - cum[i])
-                nxt = i + k
-            else:
-                seen.add(g)
-        if repeated / text_chars > frac:
-            return f"dup_{k}_gram"
-    return None
-
-
-def _groups(values):
-    """Equal values of a 1-D array: (the positions in sorted order, where each group starts in
-    it, each group's size). One unstable sort: np.unique's return_index needs a stable one,
-    which is slower on hashes, and the smallest position of a group is a reduceat away."""
-    import numpy as np
-
-    order = np.argsort(values, kind="quicksort")
-    s = values[order]
-    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
-    return order, starts, np.diff(np.append(starts, len(values)))
+        return self._ngram_rules(words, c.top_n_grams, c.dup_n_grams, len(text))
 
 
 class C4Rules:

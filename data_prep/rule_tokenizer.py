@@ -16,7 +16,11 @@ its first occurrence; the regular expressions run only on chunks not yet seen. A
 costs less where its rest is known: once a prefix or suffix is peeled off ("word," ->
 "word"), the rest is tokenized as it would be alone, so a cached rest ends the work; and no
 pattern can match inside a run of ASCII letters (`_may_match_letters` proves it on the
-patterns when they load), so such a rest needs no regular expression.
+patterns when they load), so such a rest needs no regular expression. The patterns that do
+run skip what cannot match, read from the parsed patterns when they load: a chunk without a
+"." cannot be a URL; no suffix ends with a character that no alternative ends with; infix
+and suffix matches start with a character from a small set, which a lookahead checks
+before the alternation is tried (`_end_class`).
 
 Memory: each cache holds at most two generations of `cache_entries` chunks (a chunk found in
 the old generation moves to the new one; when the new one is full the old one is dropped: an
@@ -90,10 +94,12 @@ class RuleTokenizer:
                                       ("prefix_search", "suffix_search", "infix_finditer", "token_match", "url_match"))
         self._prefix = compiled("prefix_search").search
         self._suffix = _suffix_search(compiled("suffix_search"))
-        self._infix = compiled("infix_finditer").finditer
+        self._infix = _infix_finditer(compiled("infix_finditer"))
         token_match, url_match = compiled("token_match"), compiled("url_match")
         self._token_match = token_match.match if token_match else None
         self._url_match = url_match.match if url_match else None
+        # spaCy's URL pattern needs a "." (in the host): a chunk without one needs no match.
+        self._url_needs_dot = not _may_match_within(url_match, _has_not_dot)
         self._specials: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in rules["special_cases"].items()}
         self._punct_chars = frozenset(rules["sentencizer_punct_chars"])
         # The final special-case pass matches the affix split of a special case (computed
@@ -139,7 +145,9 @@ class RuleTokenizer:
             return list(specials[string])
         token_match = self._token_match
         plain = self._letters_plain
-        known = self.words_of_chunk if with_specials else None  # (not yet there in __init__)
+        prefix_search, suffix_search = self._prefix, self._suffix
+        # (the caches are not yet there in __init__, which splits without special cases)
+        new, old = (self.words_of_chunk, self.words_of_chunk.old) if with_specials else ({}, {})
         prefixes: list[str] = []
         suffixes: list[str] = []
         last = 0
@@ -153,14 +161,16 @@ class RuleTokenizer:
             if plain and string.isascii() and string.isalpha():
                 break  # no pattern can match inside it (see _letters_plain): nothing to peel
             last = len(string)
-            pre_len = self._affix_len(self._prefix, string)
+            m = prefix_search(string)
+            pre_len = m.end() - m.start() if m is not None else 0
             if pre_len:
                 prefix, minus_pre = string[:pre_len], string[pre_len:]
                 if minus_pre and minus_pre in specials:
                     string = minus_pre
                     prefixes.append(prefix)
                     break
-            suf_len = self._affix_len(self._suffix, string[pre_len:])
+            m = suffix_search(string[pre_len:] if pre_len else string)
+            suf_len = m.end() - m.start() if m is not None else 0
             if suf_len:
                 suffix, minus_suf = string[-suf_len:], string[:-suf_len]
                 if minus_suf and minus_suf in specials:
@@ -177,12 +187,12 @@ class RuleTokenizer:
             elif suf_len:
                 string = minus_suf
                 suffixes.append(suffix)
+            else:
+                break  # nothing peeled: the loop would end here
             # The loop's decisions depend on the string alone, so the rest of a chunk is
             # tokenized as that string would be on its own: if it was ("word" of "word,"),
             # its tokens before the special-case pass are known.
-            core = known.get(string) if known is not None and string else None
-            if core is None and known is not None and string:
-                core = known.old.get(string)
+            core = new.get(string) or old.get(string)  # (a chunk's tokens are never empty)
             if core is not None:
                 pre = self._passed.get(string)
                 tokens = prefixes + list(core if pre is None else pre)
@@ -194,7 +204,8 @@ class RuleTokenizer:
                 tokens.extend(specials[string])
             elif plain and string.isascii() and string.isalpha():
                 tokens.append(string)
-            elif (token_match is not None and token_match(string)) or (self._url_match is not None and self._url_match(string)):
+            elif (token_match is not None and token_match(string)) or (
+                    self._url_match is not None and ("." in string or not self._url_needs_dot) and self._url_match(string)):
                 tokens.append(string)
             else:
                 start = 0
@@ -390,28 +401,43 @@ class RuleTokenizer:
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
+def _has_letter(lo: int, hi: int) -> bool:
+    return any(lo <= ord(c) <= hi for c in _ASCII_LETTERS)
+
+
+def _has_not_dot(lo: int, hi: int) -> bool:
+    return not lo == hi == ord(".")
+
+
 def _may_match_letters(pattern: re.Pattern | None) -> bool:
     """False only when the pattern provably cannot match anywhere inside a string of ASCII
-    letters: it needs a character (or a lookaround needs one) that is not such a letter. Read
-    from the parsed pattern; any construct not understood here counts as a possible match."""
+    letters (see _may_match_within)."""
+    return _may_match_within(pattern, _has_letter)
+
+
+def _may_match_within(pattern: re.Pattern | None, allowed) -> bool:
+    """False only when the pattern provably cannot match anywhere inside a string of the
+    allowed characters (`allowed(lo, hi)`: whether one is in that code point range): it needs
+    a character (or a lookaround needs one) that is not allowed. Read from the parsed
+    pattern; any construct not understood here counts as a possible match."""
     if pattern is None:
         return False
     from re import _constants as C, _parser
 
     def in_class(items) -> bool:
         for op, av in items:
-            if op is C.LITERAL and chr(av) in _ASCII_LETTERS:
+            if op is C.LITERAL and allowed(av, av):
                 return True
-            if op is C.RANGE and any(av[0] <= ord(c) <= av[1] for c in _ASCII_LETTERS):
+            if op is C.RANGE and allowed(*av):
                 return True
-            if op not in (C.LITERAL, C.RANGE):  # categories, negation: assume a letter is in
+            if op not in (C.LITERAL, C.RANGE):  # categories, negation: assume an allowed one is in
                 return True
         return False
 
-    def may(items) -> bool:  # can this sequence match within letters?
+    def may(items) -> bool:  # can this sequence match within the allowed characters?
         for op, av in items:
             if op is C.LITERAL:
-                ok = chr(av) in _ASCII_LETTERS
+                ok = allowed(av, av)
             elif op is C.IN:
                 ok = in_class(av)
             elif op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
@@ -420,7 +446,7 @@ def _may_match_letters(pattern: re.Pattern | None) -> bool:
                 ok = bool(av[1] & re.IGNORECASE) or may(av[3].data)
             elif op is C.BRANCH:
                 ok = any(may(b.data) for b in av[1])
-            elif op is C.ASSERT:  # a lookaround must see its characters, letters here
+            elif op is C.ASSERT:  # a lookaround must see its characters, allowed ones here
                 ok = may(av[1].data)
             else:  # anchors, negative lookarounds, anything else: no constraint known
                 ok = True
@@ -431,13 +457,75 @@ def _may_match_letters(pattern: re.Pattern | None) -> bool:
     return pattern.flags & re.IGNORECASE != 0 or may(_parser.parse(pattern.pattern, pattern.flags).data)
 
 
+def _end_items(items, last: bool) -> list | None:
+    """The class items (literals, ranges) that the first (`last`: the last) character every
+    match of a parsed sequence consumes is one of; None when the sequence can match nothing
+    there or has a construct not understood here. Lookarounds and anchors consume nothing."""
+    from re import _constants as C
+
+    for op, av in (reversed(items) if last else items):
+        if op in (C.ASSERT, C.ASSERT_NOT, C.AT):
+            continue
+        if op is C.LITERAL:
+            return [(op, av)]
+        if op is C.IN:
+            return None if any(o not in (C.LITERAL, C.RANGE) for o, _ in av) else list(av)
+        if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT) and av[0] >= 1:
+            return _end_items(av[2].data, last)
+        if op is C.SUBPATTERN and not av[1] and not av[2]:  # no inline flags
+            return _end_items(av[3].data, last)
+        if op is C.BRANCH:
+            out = []
+            for branch in av[1]:
+                got = _end_items(branch.data, last)
+                if got is None:
+                    return None
+                out += got
+            return out
+        return None
+    return None
+
+
+def _end_class(pattern: re.Pattern, last: bool) -> str | None:
+    """A character class (pattern text) holding the first (`last`: the last) character of
+    every match of `pattern`, or None when it cannot be read from the parsed pattern."""
+    from re import _constants as C, _parser
+
+    items = _end_items(_parser.parse(pattern.pattern, pattern.flags).data, last)
+    if not items:
+        return None
+    esc = lambda c: f"\\U{c:08x}"  # noqa: E731  (every character escaped: no class syntax leaks)
+    return "[" + "".join(esc(av) if op is C.LITERAL else f"{esc(av[0])}-{esc(av[1])}" for op, av in items) + "]"
+
+
+def _infix_finditer(pattern: re.Pattern):
+    """pattern.finditer for spaCy's infix pattern, faster: every alternative consumes a
+    character from a small set (punctuation, symbols) first, so a chunk without one has no
+    match, and the search starts at the first one (lookbehinds still see the characters
+    before it). The same pattern behind a lookahead for that set fails fast at every other
+    position. A pattern whose first characters cannot be read is searched as it is."""
+    first = _end_class(pattern, last=False)
+    if first is None or pattern.pattern.startswith("(?"):
+        return pattern.finditer
+    find_first = re.compile(first, pattern.flags).search
+    guarded = re.compile(f"(?={first})(?:{pattern.pattern})", pattern.flags).finditer
+
+    def infix_finditer(string: str):
+        m = find_first(string)
+        return () if m is None else guarded(string, m.start())
+
+    return infix_finditer
+
+
 def _suffix_search(pattern: re.Pattern):
     """pattern.search for a suffix pattern, faster on long chunks. Every alternative of
     spaCy's suffix pattern ends at the end of the chunk ($), and all but `\\.\\.+$` match at
     most a few characters (W): unless the chunk ends with a character that an unbounded
     alternative must end with, the leftmost match starts in the last W characters, and a
-    search from there finds it (lookbehinds still see the characters before). Any other
-    shape of pattern is searched whole."""
+    search from there finds it (lookbehinds still see the characters before). A chunk whose
+    last character no alternative ends with has no match; a match starts with a character of
+    the alternatives' first characters, which a lookahead checks before the alternation. Any
+    other shape of pattern is searched whole."""
     from re import _constants as C, _parser
 
     tree = _parser.parse(pattern.pattern, pattern.flags)
@@ -458,9 +546,15 @@ def _suffix_search(pattern: re.Pattern):
         if op is not C.LITERAL:
             return pattern.search
         last_chars.add(chr(av))
+    first, last = _end_class(pattern, last=False), _end_class(pattern, last=True)
     search = pattern.search
+    if first is not None and last is not None and not pattern.pattern.startswith("(?"):
+        search = re.compile(f"(?={first})(?:{pattern.pattern})", pattern.flags).search
+    ends_one = re.compile(last, pattern.flags).match if last is not None else None
 
     def suffix_search(string: str):
+        if ends_one is not None and (not string or ends_one(string, len(string) - 1) is None):
+            return None
         if string[-1:] in last_chars or len(string) <= width:
             return search(string)
         return search(string, len(string) - width)

@@ -4,7 +4,8 @@ from collections import Counter
 
 from prep_corpus import real_documents, real_paragraphs
 from data_prep.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig
-from data_prep.filters import C4Rules, FineWebRules, GopherQuality, GopherRepetition, LanguageFilter, _ngram_rules
+from data_prep.filters import C4Rules, FineWebRules, GopherQuality, GopherRepetition, LanguageFilter
+from data_prep.repetition import ngram_rules as _ngram_rules
 from data_prep.records import Record
 from data_prep.words import split_words
 

@@ -3,6 +3,8 @@ tests: it is the reference), on real text of several kinds and on the hard cases
 its caches stay bounded; its rules file is the installed spaCy's; and `prepare` runs without
 spaCy. The agreement of whole filters with datatrove is in test_filters.py."""
 import json
+import random
+import re
 import subprocess
 import sys
 import sysconfig
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prep_corpus import real_documents
-from data_prep.rule_tokenizer import RULES_FILE, RuleTokenizer, export_rules
+from data_prep.rule_tokenizer import RULES_FILE, RuleTokenizer, _infix_finditer, _suffix_search, export_rules
 from data_prep.words import sentence_count, split_words
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +110,29 @@ def test_special_cases_side_by_side():
 def test_whitespace_tokens_in_sentence_counts(text):
     """spaCy keeps whitespace other than one space as a token, which can start a sentence."""
     assert RuleTokenizer().sentence_count(text) == sentence_count(text, "spacy")
+
+
+def test_guarded_affix_searches_answer_as_the_patterns():
+    """The suffix search and infix finditer skip chunks and positions where no alternative can
+    start or end (read from the parsed patterns); they answer as the plain patterns do, on
+    random chunks of printable ASCII, Latin-1, other scripts and symbols. The URL pattern,
+    skipped on chunks without a ".", matches none of them."""
+    rules = json.loads(RULES_FILE.read_text(encoding="utf-8"))
+    suffix = re.compile(rules["suffix_search"]["pattern"], rules["suffix_search"]["flags"])
+    infix = re.compile(rules["infix_finditer"]["pattern"], rules["infix_finditer"]["flags"])
+    fast_suffix, fast_infix = _suffix_search(suffix), _infix_finditer(infix)
+    assert fast_suffix is not suffix.search and fast_infix is not infix.finditer  # the fast paths are in use
+    url = re.compile(rules["url_match"]["pattern"], rules["url_match"]["flags"])
+    assert RuleTokenizer()._url_needs_dot
+    assert url.match("a.bc/d") and url.match("user@host.org:80/x?y=z")
+    alphabet = [chr(c) for c in range(33, 127)] * 4 + [chr(c) for c in range(0xA0, 0x2200, 7)] + ["\U0001f600"]
+    rnd = random.Random(0)
+    for _ in range(40_000):
+        chunk = "".join(rnd.choices(alphabet, k=rnd.randint(0, 12)))
+        m, f = suffix.search(chunk), fast_suffix(chunk)
+        assert (m and m.span()) == (f and f.span()), chunk
+        assert [m.span() for m in infix.finditer(chunk)] == [m.span() for m in fast_infix(chunk)], chunk
+        assert "." in chunk or not url.match(chunk + "com"), chunk
 
 
 def test_caches_are_bounded():
