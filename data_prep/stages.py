@@ -389,9 +389,15 @@ def _train(sample: Path, out_dir: Path, tc, threads: int) -> None:
         train_sentencepiece(sample, out_dir, tc, threads)
     except RuntimeError as e:
         m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
-        if not m:
-            raise
-        raise _too_few(tc.vocab_size, f"at most {m.group(2)}") from None
+        if m:
+            raise _too_few(tc.vocab_size, f"at most {m.group(2)}") from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m:
+            raise StageError(f"tokenizer.vocab_size: {tc.vocab_size} is less than the {m.group(2)} pieces every "
+                             "token needs (the sample's characters at tokenizer.character_coverage, the 256 byte "
+                             f"pieces and the special tokens); raise it to at least {m.group(2)}, or lower "
+                             "tokenizer.character_coverage") from None
+        raise
 
 
 def _train_bpe(sample: Path, out_dir: Path, tc) -> None:

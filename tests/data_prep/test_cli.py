@@ -70,6 +70,10 @@ def test_vocabulary_too_large_and_nothing_left(tmp_path, capsys):
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "v.json", pii), "--out", tmp_path / "v"])
     assert msg == (f"error: {tmp_path / 'v'}: clean.pii changed from False to True, but {tmp_path / 'v' / 'work' / 'prepare'} "
                    "was made with the old value; use a new --out, or remove it and what comes after it to redo it")
+    # Too small for the characters and byte pieces (failed first: SentencePiece's RuntimeError traceback).
+    small = tiny_config(src, tokenizer={"vocab_size": 300, "character_coverage": 1.0}, executor={"workers": 1})
+    msg = _error(capsys, ["run", "--config", write_config(tmp_path / "s.json", small), "--out", tmp_path / "s"])
+    assert msg.startswith("error: tokenizer.vocab_size: 300 is less than the ") and "raise it to at least " in msg, msg
     strict = tiny_config(src, filters={"language": {"enabled": True, "languages": ["de"]}}, executor={"workers": 1})
     msg = _error(capsys, ["run", "--config", write_config(tmp_path / "f.json", strict), "--out", tmp_path / "f"])
     assert "no document is left after reading and filtering (6 input records; filtered:language:not_de 6)" in msg
