@@ -74,10 +74,13 @@ def _show(v) -> str:
 
 def differences(saved: dict, current: dict, allow: list[str] = ()) -> list[str]:
     """'FIELD: checkpoint A, now B' for each compared field that differs and is not allowed."""
+    return [line for field, line in _differing(saved, current) if field not in allow]
+
+
+def _differing(saved: dict, current: dict) -> list[tuple[str, str]]:
+    """(FIELD, 'FIELD: checkpoint A, now B') for each compared field that differs."""
     out = []
     for path in (*REFUSED, *ALLOWABLE):
-        if path in allow:
-            continue
         a, b = (_engine(saved), _engine(current)) if path == "topology.engine" else (_value(saved, path),
                                                                                       _value(current, path))
         if path == "tokenizer.sha256" and a is _ABSENT:  # written by a trainer that did not record it
@@ -85,7 +88,7 @@ def differences(saved: dict, current: dict, allow: list[str] = ()) -> list[str]:
         if path == "base_model":
             a, b = (None if v is _ABSENT else v for v in (a, b))
         if a != b:
-            out.append(f"{path}: checkpoint {_show(a)}, now {_show(b)}")
+            out.append((path, f"{path}: checkpoint {_show(a)}, now {_show(b)}"))
     return out
 
 
@@ -106,14 +109,14 @@ def resume_tag(ckpts: Checkpoints, resume: str) -> str | None:
 def check_resume(ckpts: Checkpoints, tag: str, current: dict, allow: list[str]) -> list[str]:
     """Refuse, in one line, a resume of `tag` whose profile differs from `current` (the new resolved
     profile) in a field it cannot change; returns the differences `allow` lets through."""
-    saved = json.loads((ckpts.root / tag / "profile.json").read_text())
-    diffs = differences(saved, current, allow)
-    if diffs:
-        fields = [d.split(":")[0] for d in diffs]
+    diffs = _differing(json.loads((ckpts.root / tag / "profile.json").read_text()), current)
+    refused = [(f, line) for f, line in diffs if f not in allow]
+    if refused:
+        fields = [f for f, _ in refused]
         hint = (f"; to change it deliberately: --allow-change {' --allow-change '.join(fields)}"
                 if all(f in ALLOWABLE for f in fields) else "; use another --out to start a new run")
-        raise ResumeRefused(f"cannot resume {ckpts.root / tag}: {'; '.join(diffs)}{hint}")
-    return differences(saved, current)
+        raise ResumeRefused(f"cannot resume {ckpts.root / tag}: {'; '.join(line for _, line in refused)}{hint}")
+    return [line for _, line in diffs]
 
 
 def topology_of(profile: Profile) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.checkpoint_reader import CheckpointError
-from pipeline.checkpoints import Checkpoints
+from pipeline.checkpoints import Checkpoints, write_durably
 from pipeline.config import Profile, ProfileError, apply_overrides, parse_profile, read_profile_json, resolve
 from pipeline.data import Manifest, ManifestError, micro_batch_positions, open_split
 from pipeline.distributed import all_reduce_sum, init_distributed, world_size
@@ -164,9 +164,7 @@ def write_run_files(ckpts: Checkpoints, profile_dict: dict, out: Path) -> None:
     try:
         if distributed.rank() == 0:
             ckpts.root.mkdir(parents=True, exist_ok=True)
-            tmp = out / ".profile.json.tmp"
-            tmp.write_text(json.dumps(profile_dict, indent=2) + "\n")
-            os.replace(tmp, out / "profile.json")
+            write_durably(out / "profile.json", json.dumps(profile_dict, indent=2) + "\n")
             (out / PREEMPTED).unlink(missing_ok=True)
         ckpts.run_id  # collective: every rank learns the run's id before the first save
     except OSError as e:
@@ -178,7 +176,6 @@ def write_run_files(ckpts: Checkpoints, profile_dict: dict, out: Path) -> None:
 def checked_resume_tag(ckpts: Checkpoints, args: argparse.Namespace, profile_dict: dict) -> str | None:
     """The tag to resume (None: start fresh), refused in one line when the checkpoint's profile
     differs in a field a resume cannot change (pipeline/resume.py). From files only."""
-
     try:
         check_allow_change(args.allow_change)
         tag = resume_tag(ckpts, args.resume)
