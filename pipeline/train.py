@@ -113,6 +113,25 @@ class StartError(Exception):
         self.only_rank0 = only_rank0
 
 
+REPORT_GRACE_S = 20.0
+
+
+def report_start_error(e: StartError, preempt: Preemption) -> None:
+    """Print the refusal. When rank 0 reports for all, the other ranks wait for it (at most
+    REPORT_GRACE_S): a launcher kills every rank once one exits non-zero, so a rank that left
+    first could have rank 0 killed before its line was printed. The launcher's SIGTERM, sent
+    when rank 0 has exited, ends the wait at once."""
+    rank = int(os.environ.get("RANK", 0))
+    if not str(e):
+        return
+    if not e.only_rank0 or rank == 0:
+        print(e, file=sys.stderr, flush=True)
+        return
+    deadline = time.monotonic() + REPORT_GRACE_S
+    while not preempt.requested and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def resolve_profile(args: argparse.Namespace, world: int) -> tuple[Profile, Manifest]:
     """The profile with every derived value, checked against the data manifest it names."""
     try:
@@ -441,8 +460,7 @@ def main(argv=None) -> int:
         trainer = start(args, preempt)
         code = trainer.run()
     except StartError as e:
-        if str(e) and (not e.only_rank0 or int(os.environ.get("RANK", 0)) == 0):
-            print(e, file=sys.stderr, flush=True)
+        report_start_error(e, preempt)
         return 2
     except CheckpointError as e:  # a save that could not be written: one line, naming the path
         print(f"error (rank {int(os.environ.get('RANK', 0))}): {e}", file=sys.stderr, flush=True)

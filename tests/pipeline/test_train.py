@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -391,9 +392,22 @@ def test_a_nan_step_is_skipped_and_counted_and_consecutive_ones_stop_the_run(pre
     assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step6"]
 
 
+SLOW_RANK0 = """import os, runpy, time
+if os.environ.get("RANK") == "0":
+    time.sleep(5)
+runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_zero3_with_pipeline_is_refused_before_any_process_group(prepared_data, tmp_path):
-    proc = run_deepspeed(zero3_args(prepared_data, tmp_path / "run", "--set", "topology.engine=pipeline",
-                                    "--set", "topology.pipeline_stages=2"), check=False)
+    # Rank 0 reports a refusal every rank reaches; here it reaches it 5 s after rank 1, and its
+    # line must still be printed before the launcher ends the run (failed first: rank 1 exited,
+    # the launcher killed rank 0 before it printed, and stderr was empty).
+    (tmp_path / "slow_rank0.py").write_text(SLOW_RANK0)
+    args = zero3_args(prepared_data, tmp_path / "run", "--set", "topology.engine=pipeline",
+                      "--set", "topology.pipeline_stages=2")
+    proc = run_deepspeed(["slow_rank0", *args[1:]], check=False,
+                         env=cpu_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}"))
     assert proc.returncode != 0
     assert "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism" in proc.stderr
     assert "zero3" in proc.stderr and "pipeline" in proc.stderr
