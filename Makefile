@@ -5,6 +5,8 @@
 #   make gpu-check   on a machine with NVIDIA GPUs: prove the GPU path and measure it (docs/gpu.md);
 #                    GPU_ARGS=--dry-run prints its plan here. Without make: bash launch/gpu_check.sh
 #   make tf4-env     transformers 4.x beside the 5.x of the main venv (the export's tokenizer must load in both)
+#   make llamacpp-env llama.cpp's Python binding, built from source (~10 min on 2 cores): the tests run
+#                    the GGUF files of pipeline/to_gguf.py in it
 PYTHON ?= python3
 VENV   ?= .venv
 OUT    ?= runs/demo
@@ -18,11 +20,16 @@ GPU_ARGS ?=
 # transformers 4.x, tokenizers only (no torch): the test that exported tokenizers load in 4.x runs in it.
 TF4_VENV ?= .venv-tf4
 BENCH_VENV ?= .venv-bench
+# llama.cpp (through llama-cpp-python, which builds it from source: PyPI has no wheel), in a venv
+# that sees the main venv's packages, as the bench venv does.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 # make test: pytest-xdist workers. Each runs 2-process DeepSpeed jobs and builds its own copy of the
 # suite's session fixtures (prepared data, the reference runs), so more than the cores is slower.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install bench-install clean-demo gpu-check gpu-bundle tf4-env
+.PHONY: demo test install bench-install clean-demo gpu-check gpu-bundle tf4-env llamacpp-env beside-main
 
 install: $(VENV)/.installed $(VENV)/.ds-ops
 
@@ -41,11 +48,24 @@ demo: install
 bench-install: $(BENCH_VENV)/.installed
 
 $(BENCH_VENV)/.installed: bench/requirements-bench.txt $(VENV)/.installed
-	$(VENV)/bin/python -m venv --without-pip $(BENCH_VENV)
-	$(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
-	  > "$$($(BENCH_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/main-packages.pth"
+	$(MAKE) -s beside-main DIR=$(BENCH_VENV)
 	$(VENV)/bin/pip --python $(BENCH_VENV)/bin/python install --quiet -r bench/requirements-bench.txt
 	touch $@
+
+llamacpp-env: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed: $(VENV)/.installed
+	$(MAKE) -s beside-main DIR=$(LLAMACPP_VENV)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(VENV)/bin/pip --python $(LLAMACPP_VENV)/bin/python install --quiet "llama-cpp-python==0.3.36"
+	touch $@
+
+# A venv without pip that sees the main venv's packages through a .pth file: what it installs
+# itself comes first (DIR=path).
+beside-main:
+	$(VENV)/bin/python -m venv --without-pip $(DIR)
+	$(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(DIR)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/main-packages.pth"
 
 # DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) on first use, under a lock
 # file in ~/.cache/torch_extensions. Built with the environment, once, no test's timeout can kill
@@ -58,8 +78,8 @@ $(VENV)/.ds-ops: $(VENV)/.installed
 	touch $@
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: install tf4-env bench-install
-	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25 tests || [ $$? -eq 5 ]
+test: install tf4-env bench-install llamacpp-env
+	TF4_PYTHON="$(abspath $(TF4_VENV))/bin/python" LLAMACPP_PYTHON="$(abspath $(LLAMACPP_VENV))/bin/python" PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25 tests || [ $$? -eq 5 ]
 
 tf4-env: $(TF4_VENV)/.installed
 

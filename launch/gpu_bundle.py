@@ -50,6 +50,7 @@ NOT_FOR_THE_CHECK = {
     "selectolax": "data prep", "py3langid": "data prep", "spacy": "the reference of data prep's word splitter, for its tests (~50 MB)",
     "regex": "data prep", "numba": "data prep", "rensa": "a data benchmark's peer", "ray": "data prep on many nodes",
     "matplotlib": "data prep's plots", "pytest": "the CPU tests", "pytest-xdist": "the CPU tests",
+    "gguf": "the GGUF export for llama.cpp (pipeline/to_gguf.py)",
 }
 # The GPU machine: CPython 3.12.3 (Ubuntu 24.04's, glibc 2.39), x86_64. --python-version builds
 # for another CPython (the rehearsal installs a bundle for the interpreter at hand).

@@ -2,7 +2,7 @@
 
     python -m pipeline.export --checkpoint runs/demo/train --out runs/demo/hf \
         [--tag latest|global_stepN] [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--verify] \
-        [--tokenizer DIR] [--tie-embeddings auto|yes|no]
+        [--tokenizer DIR] [--tie-embeddings auto|yes|no] [--gguf FILE]
 
 --checkpoint is a run directory (holding `checkpoints/`), the checkpoints directory itself, or
 an `--init-from` directory written by `python -m pipeline.import_hf`. Both engines' checkpoints
@@ -30,8 +30,11 @@ requires them equal, "no" never ties.
 model's whose weights are cast to --dtype and back: the same function, so the fp32 tolerance
 holds at any dtype and a wrong mapping (say gate and up swapped) cannot pass; it fails (exit 3,
 no output) past it. It also checks that AutoTokenizer gives the data's ids (SentencePiece's, or
-`tokenizers`' for a tokenizer.json). See
-docs/export.md.
+`tokenizers`' for a tokenizer.json).
+
+--gguf FILE also writes the export as one GGUF file for llama.cpp (`pipeline/to_gguf.py`), with
+the export's dtype; a byte-level BPE trained by data prep included, which llama.cpp's own
+converter refuses. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from pipeline.hf import INIT_CONFIG, INIT_WEIGHTS, TOKENIZER_FILES, model_shapes
 from pipeline.model import ModelConfig, Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 # Largest logit difference allowed by --verify, relative to max(1, largest |logit|): both sides
 # compute in fp32 from the same (cast) weights, so only summation order differs.
 VERIFY_TOLERANCE = 1e-4
@@ -424,13 +428,20 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true", help="compare logits with our model; fail past the tolerance")
     p.add_argument("--tokenizer", metavar="DIR", help="directory holding the run's tokenizer.model or tokenizer.json, where the data-prep "
                                                       "directory the checkpoint names is gone (another machine)")
+    p.add_argument("--gguf", metavar="FILE", help="also write the export as this GGUF file for llama.cpp (must not exist)")
     p.add_argument("--tie-embeddings", default="auto", choices=["auto", "yes", "no"],
                    help="export lm_head tied to the embedding: auto (default) when the base model was tied and the "
                         "two are still equal; yes (they must be equal); no")
     args = p.parse_args(argv)
     try:
+        if args.gguf and Path(args.gguf).exists():
+            raise ExportError(f"{args.gguf}: already exists; choose another --gguf or remove it")
         out = export(args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_size, args.verify,
                      args.tokenizer, args.tie_embeddings)
+        if args.gguf:
+            from pipeline.to_gguf import write_gguf
+
+            print(f"wrote {write_gguf(out, args.gguf, GGUF_TYPES[args.dtype])}")
     except (ExportError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 3 if str(e).startswith("verification failed") else 2

@@ -20,6 +20,7 @@ import torch
 from pipeline.checkpoint_reader import CheckpointError, Zero3Reader, load_file, open_checkpoint
 from pipeline.export import export, main, model_config_from_profile, read_run_profile
 from pipeline.model import Transformer
+from pipeline.to_gguf import write_gguf
 from runs import REPO, STEPS, bench_module, run_deepspeed, train_losses, zero3_args
 
 PIPELINE = REPO / "ds_configs" / "tiny_cpu_pipeline.json"  # 2 stages, ZeRO stage 1
@@ -175,6 +176,7 @@ def test_export_loads_matches_and_generates(run, manifest, tmp_path):
     import transformers
 
     out = export(run, tmp_path / "hf", max_shard_size="200KB", check=True)
+    gguf = write_gguf(out, tmp_path / "model.gguf")
     names = sorted(p.name for p in out.iterdir())
     shards = [n for n in names if n.startswith("model-")]
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -193,6 +195,8 @@ def test_export_loads_matches_and_generates(run, manifest, tmp_path):
     for text in licence_texts()[:8]:
         sample = text[:3000]
         assert tok(sample)["input_ids"] == [1] + sp.encode(sample)
+    texts = [t[:1500] for t in licence_texts()[:4]]
+    assert_llama_cpp_agrees(gguf, out, texts, [[1] + sp.encode(t) for t in texts])  # llama.cpp runs it
     generated = hf.generate(**tok("Permission is hereby granted", return_tensors="pt"), max_new_tokens=8,
                             do_sample=False, pad_token_id=tok.eos_token_id)
     assert generated.shape[1] > len(tok("Permission is hereby granted")["input_ids"])
@@ -210,6 +214,35 @@ def tf4_python() -> str:
     if not Path(path).exists():
         subprocess.run(["make", "-s", "tf4-env", "PYTHON=python3"], cwd=REPO, check=True, capture_output=True)
     return path
+
+
+LLAMA_CPP = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+# f32 KV cache (llama.cpp keeps f16 by default), one thread: the logits of an f32 GGUF are then ours
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+texts, ids = json.loads(sys.stdin.read())
+tokenized = [llm.tokenize(t.encode(), add_bos=True, special=False) for t in texts]
+llm.eval(ids)
+np.save(sys.argv[2], np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+print(json.dumps(tokenized))
+"""
+
+
+def llama_cpp(gguf: Path, texts: list[str], ids: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """llama.cpp's ids for `texts` (BOS added, special tokens' names as text) and its logits for
+    `ids`, from the GGUF file (`make llamacpp-env`, built here when missing)."""
+    python = os.environ.get("LLAMACPP_PYTHON") or str(REPO / ".venv-llamacpp" / "bin" / "python")
+    if not Path(python).exists():
+        subprocess.run(["make", "-s", "llamacpp-env"], cwd=REPO, check=True, capture_output=True)
+    logits = gguf.with_suffix(".logits.npy")
+    proc = subprocess.run([python, "-c", LLAMA_CPP, str(gguf), str(logits)], input=json.dumps([texts, ids]),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import numpy as np
+
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.from_numpy(np.load(logits))
 
 
 TF4_IDS = """
@@ -570,7 +603,8 @@ def test_llama3_style_base_with_bpe_data_needs_no_remap_and_exports_for_transfor
     run = train(tmp_path / "run", manifest, REPO / "ds_configs" / "tiny_cpu.json", "--set", "model.max_seq_len=null",
                 "--init-from", str(tmp_path / "init"))
     assert sorted(train_losses(run)) == [1, 2, 3]
-    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--verify", "--gguf",
+                 str(tmp_path / "model.gguf")]) == 0
     assert "tokenizer matches tokenizers" in capsys.readouterr().out
     out = tmp_path / "hf"
     assert (out / "tokenizer.json").read_bytes() == tok.model_path.read_bytes()
@@ -589,3 +623,20 @@ def test_llama3_style_base_with_bpe_data_needs_no_remap_and_exports_for_transfor
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True] * len(texts)
+    # llama.cpp runs the GGUF export: the same ids, and transformers' logits (llama.cpp's own
+    # converter refuses this tokenizer: its pre-tokenizer hash is of no published model).
+    assert_llama_cpp_agrees(tmp_path / "model.gguf", out, texts, [raw.encode(t).ids for t in texts])
+
+
+def assert_llama_cpp_agrees(gguf: Path, hf_dir: Path, texts: list[str], want_ids: list[list[int]]) -> None:
+    """llama.cpp tokenizes `texts` as `want_ids` and gives the logits of transformers' fp32 model
+    of `hf_dir` for the first text (fails on q/k rows left in the Hugging Face rotary order)."""
+    import transformers
+
+    ids = want_ids[0][:512]
+    got_ids, logits = llama_cpp(gguf, texts, ids)
+    assert got_ids == want_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert (logits - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
