@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.hf import config_from_hf, hf_weight_files, safetensors_entries
 from pipeline.model import scale_frequencies
@@ -215,18 +216,21 @@ def write_gguf(hf_dir: str | Path, out: str | Path, kind: str | None = None) -> 
         add_hyperparameters(writer, hf, cfg, file_type)
         add_tokenizer(writer, hf_dir, cfg.vocab_size)
         tensors = list(gguf_tensors(hf_dir, cfg, TYPES[kind]))
+        sizes = []
         for name, shape, _ in tensors:
             t32 = len(shape) == 1 or name == "rope_freqs.weight" or kind == "f32"
             raw = gguf.GGMLQuantizationType.F32 if t32 else (gguf.GGMLQuantizationType.F16 if kind == "f16"
                                                               else gguf.GGMLQuantizationType.BF16)
-            np_type = np.float32 if t32 else np.float16  # bf16 words are 2 bytes too
-            writer.add_tensor_info(name, shape, np.dtype(np_type), int(np.prod(shape)) * (4 if t32 else 2),
-                                   raw_dtype=raw)
+            sizes.append(int(np.prod(shape)) * (4 if t32 else 2))
+            # bf16 words are 2 bytes, as float16's: the element shape and size are what matter here
+            writer.add_tensor_info(name, shape, np.dtype(np.float32 if t32 else np.float16), sizes[-1], raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, _, load in tensors:  # one tensor in memory at a time
-            writer.write_tensor_data(load())
+        with tqdm(total=sum(sizes), desc=out.name, unit="B", unit_scale=True, unit_divisor=1024, disable=None) as bar:
+            for (_, _, load), size in zip(tensors, sizes):  # one tensor in memory at a time
+                writer.write_tensor_data(load())
+                bar.update(size)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
