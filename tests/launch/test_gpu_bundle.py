@@ -30,7 +30,7 @@ MARKERS_312 = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_p
                "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
 # What the GPU check never imports: data prep, the tests, the data benchmarks' peers, the machine's torch.
 NOT_IMPORTED = {"torch", "datasets", "ftfy", "zstandard", "selectolax", "py3langid", "spacy", "regex", "numba",
-                "rensa", "ray", "matplotlib", "pytest", "pytest-xdist"}
+                "rensa", "ray", "matplotlib", "pytest", "pytest-xdist", "gguf"}
 
 
 def image() -> dict[str, str | None]:
