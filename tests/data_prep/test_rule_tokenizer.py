@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prep_corpus import real_documents
-from data_prep.rule_tokenizer import RULES_FILE, RuleTokenizer, _infix_finditer, _suffix_search, export_rules
+from data_prep.rule_tokenizer import _PER_CHAR, RULES_FILE, RuleTokenizer, _infix_finditer, _suffix_search, export_rules
 from data_prep.words import sentence_count, split_words
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +133,29 @@ def test_guarded_affix_searches_answer_as_the_patterns():
         assert (m and m.span()) == (f and f.span()), chunk
         assert [m.span() for m in infix.finditer(chunk)] == [m.span() for m in fast_infix(chunk)], chunk
         assert "." in chunk or not url.match(chunk + "com"), chunk
+
+
+def test_per_character_patterns_answer_as_the_patterns_and_are_bounded():
+    """The suffix search and the infix finditer try, at a character, only the alternatives
+    that can end (start) with it, compiled once per set of alternatives and kept for at most
+    _PER_CHAR characters: on chunks over thousands of distinct characters, some ending in a
+    newline (where $ also matches before it), they answer as the plain patterns, and the
+    per-character tables stay within the bound."""
+    rules = json.loads(RULES_FILE.read_text(encoding="utf-8"))
+    suffix = re.compile(rules["suffix_search"]["pattern"], rules["suffix_search"]["flags"])
+    infix = re.compile(rules["infix_finditer"]["pattern"], rules["infix_finditer"]["flags"])
+    fast_suffix, fast_infix = _suffix_search(suffix), _infix_finditer(infix)
+    punct = list("-.,:;!?'\"()[]{}<>/+*^~=_$%&#@") + ["...", "\n"]
+    alphabet = [chr(c) for c in range(0x100, 0x100 + 3 * _PER_CHAR)] + [chr(c) for c in range(48, 123)]
+    rnd = random.Random(1)
+    for i in range(3 * _PER_CHAR):
+        chunk = "".join(rnd.choice(alphabet) if rnd.random() < 0.7 else rnd.choice(punct) for _ in range(rnd.randint(1, 8)))
+        chunk += alphabet[i]  # every character ends some chunk
+        for c in (chunk, chunk + rnd.choice(punct)):
+            m, f = suffix.search(c), fast_suffix(c)
+            assert (m and m.span()) == (f and f.span()), c
+            assert [m.span() for m in infix.finditer(c)] == [m.span() for m in fast_infix(c)], c
+    assert 0 < len(fast_suffix.per_char) <= _PER_CHAR and 0 < len(fast_infix.per_char) <= _PER_CHAR
 
 
 def test_caches_are_bounded():
