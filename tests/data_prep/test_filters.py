@@ -53,6 +53,24 @@ def test_vectorised_ngram_rules_match_reference():
     assert decided[None] > 20 and sum(v for k, v in decided.items() if k) > 20
 
 
+def test_ngram_rules_match_reference_on_dense_repetition_and_any_n():
+    """Words from a tiny vocabulary (every n-gram repeats, long probe chains in the compiled
+    hash table), and rule sets with gaps, a 1-gram rule and n beyond the document: the same
+    decisions as the plain reading, for each rule alone and for the default set."""
+    import random
+
+    rnd = random.Random(7)
+    c = GopherRepetitionConfig()
+    configs = [(c.top_n_grams, c.dup_n_grams), ([(3, 0.3)], [(1, 0.5), (7, 0.2)]), ([(1, 0.4), (12, 0.05)], [(30, 0.01)])]
+    configs += [([(k, f)], []) for k, f in c.top_n_grams] + [([], [(k, f)]) for k, f in c.dup_n_grams]
+    for _ in range(300):
+        vocab = [f"w{i}" * rnd.randint(1, 3) for i in range(rnd.randint(1, 12))]
+        words = [rnd.choice(vocab) for _ in range(rnd.randint(1, 400))]
+        text_chars = sum(map(len, words)) + len(words) + rnd.randint(0, 2000)
+        for top, dup in configs:
+            assert _ngram_rules(words, top, dup, text_chars) == _reference_ngram_rules(words, top, dup, text_chars)
+
+
 def test_gopher_quality_rules():
     g = GopherQuality(GopherQualityConfig())
     prose = real_documents(120)[:12]
