@@ -92,7 +92,9 @@ class RuleTokenizer:
         # a special case ("dont"), and costs no regular expression.
         self._letters_plain = not any(_may_match_letters(compiled(k)) for k in
                                       ("prefix_search", "suffix_search", "infix_finditer", "token_match", "url_match"))
-        self._prefix = _prefix_search(compiled("prefix_search"))
+        prefix = compiled("prefix_search")
+        # (the ASCII-only pattern for ASCII chunks, see _ascii_only: a chunk's rest is ASCII too)
+        self._prefix_ascii, self._prefix = _by_script(prefix.pattern, prefix.flags, "search")
         self._suffix = _suffix_search(compiled("suffix_search"))
         self._infix = _infix_finditer(compiled("infix_finditer"))
         token_match, url_match = compiled("token_match"), compiled("url_match")
@@ -145,7 +147,7 @@ class RuleTokenizer:
             return list(specials[string])
         token_match = self._token_match
         plain = self._letters_plain
-        prefix_search, suffix_search = self._prefix, self._suffix
+        prefix_search, suffix_search = self._prefix_ascii if string.isascii() else self._prefix, self._suffix
         # (the caches are not yet there in __init__, which splits without special cases)
         new, old = (self.words_of_chunk, self.words_of_chunk.old) if with_specials else ({}, {})
         prefixes: list[str] = []
@@ -580,12 +582,6 @@ def _char_search(items, flags: int):
         return (ascii_search if string.isascii() else search)(string, pos)
 
     return char_search
-
-
-def _prefix_search(pattern: re.Pattern):
-    """pattern.search, through the ASCII-only pattern on ASCII strings (see _ascii_only)."""
-    ascii_search, search = _by_script(pattern.pattern, pattern.flags, "search")
-    return lambda string: (ascii_search if string.isascii() else search)(string)
 
 
 class _PerChar(dict):
