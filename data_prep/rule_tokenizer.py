@@ -20,7 +20,7 @@ patterns when they load), so such a rest needs no regular expression. The patter
 run skip what cannot match, read from the parsed patterns when they load: a chunk without a
 "." cannot be a URL; no suffix ends with a character that no alternative ends with; infix
 and suffix matches start with a character from a small set, which a lookahead checks
-before the alternation is tried (`_end_class`).
+before the alternation is tried (`_branches`).
 
 Memory: each cache holds at most two generations of `cache_entries` chunks (a chunk found in
 the old generation moves to the new one; when the new one is full the old one is dropped: an
@@ -92,7 +92,9 @@ class RuleTokenizer:
         # a special case ("dont"), and costs no regular expression.
         self._letters_plain = not any(_may_match_letters(compiled(k)) for k in
                                       ("prefix_search", "suffix_search", "infix_finditer", "token_match", "url_match"))
-        self._prefix = compiled("prefix_search").search
+        prefix = compiled("prefix_search")
+        # (the ASCII-only pattern for ASCII chunks, see _ascii_only: a chunk's rest is ASCII too)
+        self._prefix_ascii, self._prefix = _by_script(prefix.pattern, prefix.flags, "search")
         self._suffix = _suffix_search(compiled("suffix_search"))
         self._infix = _infix_finditer(compiled("infix_finditer"))
         token_match, url_match = compiled("token_match"), compiled("url_match")
@@ -145,7 +147,7 @@ class RuleTokenizer:
             return list(specials[string])
         token_match = self._token_match
         plain = self._letters_plain
-        prefix_search, suffix_search = self._prefix, self._suffix
+        prefix_search, suffix_search = self._prefix_ascii if string.isascii() else self._prefix, self._suffix
         # (the caches are not yet there in __init__, which splits without special cases)
         new, old = (self.words_of_chunk, self.words_of_chunk.old) if with_specials else ({}, {})
         prefixes: list[str] = []
@@ -486,55 +488,195 @@ def _end_items(items, last: bool) -> list | None:
     return None
 
 
-def _end_class(pattern: re.Pattern, last: bool) -> str | None:
-    """A character class (pattern text) holding the first (`last`: the last) character of
-    every match of `pattern`, or None when it cannot be read from the parsed pattern."""
-    from re import _constants as C, _parser
+def _class_text(items) -> str:
+    """A character class (pattern text) of parsed class items (literals, ranges)."""
+    from re import _constants as C
 
-    items = _end_items(_parser.parse(pattern.pattern, pattern.flags).data, last)
-    if not items:
-        return None
     esc = lambda c: f"\\U{c:08x}"  # noqa: E731  (every character escaped: no class syntax leaks)
     return "[" + "".join(esc(av) if op is C.LITERAL else f"{esc(av[0])}-{esc(av[1])}" for op, av in items) + "]"
 
 
+def _branches(pattern: re.Pattern) -> list[tuple[str, list, list, object]] | None:
+    """The top-level alternatives of `pattern`: (source text, class items of the first
+    character each match consumes, of the last, the parsed alternative), or None when the pattern is not such an
+    alternation (inline flags, a top-level group, an alternative whose ends cannot be read)."""
+    from re import _constants as C, _parser
+
+    if pattern.pattern.startswith("(?"):
+        return None
+    tree = _parser.parse(pattern.pattern, pattern.flags)
+    if len(tree.data) != 1 or tree.data[0][0] is not C.BRANCH:
+        return None
+    parsed, texts = tree.data[0][1][1], _top_level_split(pattern.pattern)
+    if len(texts) != len(parsed):
+        return None
+    out = []
+    for text, branch in zip(texts, parsed):
+        first, last = _end_items(branch.data, False), _end_items(branch.data, True)
+        if not first or not last or _parser.parse(text, pattern.flags).getwidth() != branch.getwidth():
+            return None
+        out.append((text, first, last, branch))
+    return out
+
+
+def _top_level_split(pattern: str) -> list[str]:
+    """A pattern's text split at the "|"s outside groups and classes."""
+    out, start, depth, i, in_class = [], 0, 0, 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            i += 2 if pattern[i + 1 : i + 2] == "]" else 3 if pattern[i + 1 : i + 3] == "^]" else 1  # a leading "]" is literal
+            continue
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            out.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return out + [pattern[start:]]
+
+
+def _ascii_only(pattern: str, flags: int) -> str:
+    """The pattern's text with each character class cut to its ASCII characters (a class with
+    none left becomes [^\\x00-\\x7f]): the same matches on ASCII strings, faster, as re tests a
+    class that reaches beyond Latin-1 by walking its ranges, an ASCII class by one bitmap
+    lookup (spaCy's classes list hundreds of Unicode ranges)."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if ch != "[":
+            out.append(ch)
+            i += 1
+            continue
+        j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+        j += pattern[j : j + 1] == "]"  # a leading "]" is literal
+        while pattern[j] != "]":
+            j += 2 if pattern[j] == "\\" else 1
+        member = re.compile(pattern[i : j + 1], flags).match
+        chars = "".join(f"\\x{ord(c):02x}" for c in map(chr, range(128)) if member(c))
+        out.append(f"[{chars}]" if chars else "[^\\x00-\\x7f]")
+        i = j + 1
+    return "".join(out)
+
+
+def _by_script(text: str, flags: int, method: str) -> tuple:
+    """(the pattern's `method` for ASCII strings (see _ascii_only), for any string)."""
+    return getattr(re.compile(_ascii_only(text, flags), flags), method), getattr(re.compile(text, flags), method)
+
+
+def _char_search(items, flags: int):
+    """search(string, pos) for one character of a class (see _by_script)."""
+    ascii_search, search = _by_script(_class_text(items), flags, "search")
+
+    def char_search(string: str, pos: int = 0):
+        return (ascii_search if string.isascii() else search)(string, pos)
+
+    return char_search
+
+
+class _PerChar(dict):
+    """char -> compile_for(char), made on first use (see _per_char); at most `_PER_CHAR`
+    characters are kept (then emptied): memory is bounded whatever the text."""
+
+    def __init__(self, compile_for):
+        super().__init__()
+        self.compile_for = compile_for
+
+    def __missing__(self, ch):
+        if len(self) >= _PER_CHAR:
+            self.clear()
+        got = self[ch] = self.compile_for(ch)
+        return got
+
+
+_PER_CHAR = 4096
+
+
+def _no_match(string: str, pos: int = 0) -> None:
+    return None
+
+
+_NO_MATCH = (_no_match, _no_match)
+
+
+def _per_char(branches, end: int, flags: int, compile_alternatives) -> _PerChar:
+    """char -> compile_alternatives(the alternatives whose first (end 1) or last (end 2)
+    consumed character can be char, in the pattern's order; maybe none). Characters with the
+    same alternatives share one compiled pattern (a handful of distinct sets)."""
+    can_be = [re.compile(_class_text(b[end]), flags).match for b in branches]
+    by_set: dict[tuple[int, ...], object] = {}
+
+    def compile_for(ch: str):
+        kept = tuple(i for i, m in enumerate(can_be) if m(ch))
+        if kept not in by_set:
+            by_set[kept] = compile_alternatives([branches[i] for i in kept])
+        return by_set[kept]
+
+    return _PerChar(compile_for)
+
+
 def _infix_finditer(pattern: re.Pattern):
     """pattern.finditer for spaCy's infix pattern, faster: every alternative consumes a
-    character from a small set (punctuation, symbols) first, so a chunk without one has no
-    match, and the search starts at the first one (lookbehinds still see the characters
-    before it). The same pattern behind a lookahead for that set fails fast at every other
-    position. A pattern whose first characters cannot be read is searched as it is."""
-    first = _end_class(pattern, last=False)
-    if first is None or pattern.pattern.startswith("(?"):
+    character from a small set (punctuation, symbols) first, so matches can start only at
+    those characters: each is found by a class search (ASCII chunks against an ASCII bitmap),
+    and tried with the alternatives that can start with it alone (lookbehinds still see the
+    characters before it). The same matches as finditer, left to right and non-overlapping:
+    every alternative consumes a character, so none is empty. A pattern whose alternatives'
+    first characters cannot be read is searched as it is."""
+    branches = _branches(pattern)
+    if branches is None:
         return pattern.finditer
-    find_first = re.compile(first, pattern.flags).search
-    guarded = re.compile(f"(?={first})(?:{pattern.pattern})", pattern.flags).finditer
+    find = _char_search([item for b in branches for item in b[1]], pattern.flags)
+    match_at = _per_char(branches, 1, pattern.flags, lambda alternatives: _by_script(
+        "|".join(b[0] for b in alternatives), pattern.flags, "match") if alternatives else _NO_MATCH)
 
-    def infix_finditer(string: str):
-        m = find_first(string)
-        return () if m is None else guarded(string, m.start())
+    def infix_finditer(string: str) -> list:
+        out = []
+        script = 0 if string.isascii() else 1
+        m = find(string)
+        while m is not None:
+            pos = m.start()
+            got = match_at[string[pos]][script](string, pos)
+            if got is None:
+                m = find(string, pos + 1)
+            else:
+                out.append(got)
+                m = find(string, got.end())
+        return out
 
+    infix_finditer.per_char = match_at
     return infix_finditer
 
 
 def _suffix_search(pattern: re.Pattern):
-    """pattern.search for a suffix pattern, faster on long chunks. Every alternative of
-    spaCy's suffix pattern ends at the end of the chunk ($), and all but `\\.\\.+$` match at
-    most a few characters (W): unless the chunk ends with a character that an unbounded
-    alternative must end with, the leftmost match starts in the last W characters, and a
-    search from there finds it (lookbehinds still see the characters before). A chunk whose
-    last character no alternative ends with has no match; a match starts with a character of
-    the alternatives' first characters, which a lookahead checks before the alternation. Any
-    other shape of pattern is searched whole."""
-    from re import _constants as C, _parser
+    """pattern.search for a suffix pattern, faster. Every alternative of spaCy's suffix
+    pattern ends at the end of the chunk ($), so only the alternatives whose last character
+    can be the chunk's last can match: a pattern of those alone is searched (none for most
+    characters; 5 of 82 alternatives for an ASCII letter), behind a lookahead for their first
+    characters. All but `\\.\\.+$` match at most a few characters (W): unless the chunk ends
+    with a character that an unbounded alternative must end with, the leftmost match starts in
+    the last W characters, and a search from there finds it (lookbehinds still see the
+    characters before). A chunk ending in a newline ($ also matches before one) and any other
+    shape of pattern are searched whole."""
+    from re import _constants as C
 
-    tree = _parser.parse(pattern.pattern, pattern.flags)
-    if len(tree.data) != 1 or tree.data[0][0] is not C.BRANCH:
+    branches = _branches(pattern)
+    if branches is None:
         return pattern.search
     width, last_chars = 0, set()
-    for branch in tree.data[0][1][1]:
+    for _, _, _, branch in branches:
         items = branch.data
-        if not items or items[-1] != (C.AT, C.AT_END):
+        if items[-1] != (C.AT, C.AT_END):
             return pattern.search
         hi = branch.getwidth()[1]
         if hi < C.MAXREPEAT:
@@ -546,19 +688,27 @@ def _suffix_search(pattern: re.Pattern):
         if op is not C.LITERAL:
             return pattern.search
         last_chars.add(chr(av))
-    first, last = _end_class(pattern, last=False), _end_class(pattern, last=True)
-    search = pattern.search
-    if first is not None and last is not None and not pattern.pattern.startswith("(?"):
-        search = re.compile(f"(?={first})(?:{pattern.pattern})", pattern.flags).search
-    ends_one = re.compile(last, pattern.flags).match if last is not None else None
+
+    def compile_for(alternatives):
+        if not alternatives:
+            return None
+        first = _class_text([item for b in alternatives for item in b[1]])
+        return _by_script(f"(?={first})(?:{'|'.join(b[0] for b in alternatives)})", pattern.flags, "search")
+
+    search_for = _per_char(branches, 2, pattern.flags, compile_for)
 
     def suffix_search(string: str):
-        if ends_one is not None and (not string or ends_one(string, len(string) - 1) is None):
+        if not string or string[-1] == "\n":
+            return pattern.search(string)
+        searches = search_for[string[-1]]
+        if searches is None:
             return None
-        if string[-1:] in last_chars or len(string) <= width:
+        search = searches[0] if string.isascii() else searches[1]
+        if string[-1] in last_chars or len(string) <= width:
             return search(string)
         return search(string, len(string) - width)
 
+    suffix_search.per_char = search_for
     return suffix_search
 
 

@@ -53,6 +53,48 @@ def test_vectorised_ngram_rules_match_reference():
     assert decided[None] > 20 and sum(v for k, v in decided.items() if k) > 20
 
 
+def test_ngram_rules_match_reference_on_dense_repetition_and_any_n():
+    """Words from a tiny vocabulary (every n-gram repeats, long probe chains in the compiled
+    hash table), and rule sets with gaps, a 1-gram rule and n beyond the document: the same
+    decisions as the plain reading, for each rule alone and for the default set."""
+    import random
+
+    rnd = random.Random(7)
+    c = GopherRepetitionConfig()
+    configs = [(c.top_n_grams, c.dup_n_grams), ([(3, 0.3)], [(1, 0.5), (7, 0.2)]), ([(1, 0.4), (12, 0.05)], [(30, 0.01)])]
+    configs += [([(k, f)], []) for k, f in c.top_n_grams] + [([], [(k, f)]) for k, f in c.dup_n_grams]
+    for _ in range(300):
+        vocab = [f"w{i}" * rnd.randint(1, 3) for i in range(rnd.randint(1, 12))]
+        words = [rnd.choice(vocab) for _ in range(rnd.randint(1, 400))]
+        text_chars = sum(map(len, words)) + len(words) + rnd.randint(0, 2000)
+        for top, dup in configs:
+            assert _ngram_rules(words, top, dup, text_chars) == _reference_ngram_rules(words, top, dup, text_chars)
+
+
+def _reference_word_stats(words):
+    """A plain reading of datatrove's GopherQuality word counts: words (tokens not made only of
+    punctuation), their average length, and the share of tokens with a letter."""
+    from data_prep.words import PUNCTUATION
+
+    real = [w for w in words if any(ch not in PUNCTUATION for ch in w)]
+    return len(real), sum(map(len, real)) / max(len(real), 1), sum(any(ch.isalpha() for ch in w) for w in words) / len(words)
+
+
+def test_gopher_quality_sums_match_a_plain_reading():
+    """The packed per-token sums give datatrove's word count, average word length and alpha
+    ratio: on real documents' words and on tokens of punctuation, symbols and mixed scripts,
+    the ratio thresholds set just above and just below each plain value flip the decision."""
+    from data_prep.filters import _FIELD, _MASK, _TOKEN_FACTS
+
+    docs = [split_words(t) for t in real_documents(120)[:30]]
+    docs += [["--", ",", "…", "«»", "a-b", "x", "１２", "Ωmega", "$", "'s", "n't", ".", "e.g."] * k for k in (1, 5, 60)]
+    for words in docs:
+        facts = sum(map(_TOKEN_FACTS.__getitem__, words))
+        n_real, avg, alpha = _reference_word_stats(words)
+        assert facts & _MASK == len(words) and facts >> _FIELD & _MASK == n_real
+        assert (facts >> 3 * _FIELD) / max(n_real, 1) == avg and (facts >> 2 * _FIELD & _MASK) / len(words) == alpha
+
+
 def test_gopher_quality_rules():
     g = GopherQuality(GopherQualityConfig())
     prose = real_documents(120)[:12]
