@@ -12,6 +12,8 @@ Steps, run in this order (what each proves per second of GPU time first; launch/
   b  the LLaMA-7B layer shape (dim 4096, FFN 11008, 32 heads, seq 4096, bf16) through
      bench/train_throughput.py: tokens/s, TFLOP/s and MFU of ours, a bare DeepSpeed loop and
      plain PyTorch
+  e  document masking: bench/document_masking.py (FlexAttention's block mask against causal SDPA
+     at the 7B attention shape), then the tiny model trained with train.document_masking
   d  llama-7b, ZeRO-3 with the optimizer states in host memory: finite loss, checkpoint, export,
      load with transformers
 

@@ -8,6 +8,8 @@ Order: what a step proves per second of GPU time, first.
      transformers (~2 minutes of interpreter and launcher start-ups on a tiny model).
   b  the headline figure, MFU on the LLaMA-7B layer shape against the bare DeepSpeed loop and plain
      PyTorch: three launches of a 1-2B model (~3 minutes).
+  e  document masking: FlexAttention's block-mask kernel against causal SDPA at the 7B attention
+     shape, and a tiny run trained with it (~2 minutes, mostly compiling).
   d  llama-7b itself with the optimizer in host memory, checkpoint and export: ~150 GiB of host
      memory, ~90 GiB of disk and ~10 minutes; on a machine that has them, with --budget-s to match.
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pipeline.config import Profile
 from pipeline.metrics import flops_per_token
 
-ORDER = ("c", "a", "b", "d")
+ORDER = ("c", "a", "b", "e", "d")
 # Seconds, on a 16-core GPU machine. An interpreter importing torch, transformers or DeepSpeed and
 # making its CUDA context; the deepspeed launcher is three of them in a row (runner, launch, rank)
 # and NCCL's first connections.

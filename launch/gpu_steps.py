@@ -39,6 +39,9 @@ LAYER_COUNTS, MICRO_BATCHES = (8, 4, 2, 1), (4, 2, 1)
 LOSS_CHUNK_TOKENS = 4096  # the 7B shapes' chunked loss: the fp32 logits of 4 × 4096 tokens never exist whole
 MEMORY_TOLERANCE = 0.10  # step c's target: measured peak within 10 % of the plan
 H100_MFU_TARGET = 0.50  # step b's target for ours on an H100
+MASKING_STEPS = 10
+MASKING_TOLERANCE = 5e-2  # step e: bf16 outputs of order 1 agree to a few units in their last place
+FLEX_COMPILE_S = 40.0  # torch.compile of FlexAttention's forward and backward kernels (a guess; the report corrects it)
 
 
 class StepFailed(Exception):
@@ -396,6 +399,60 @@ def step_d(check: Check, figures: dict) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
+# --- e: document masking's kernel against causal SDPA, and a run that trains with it
+
+def masking_run(manifest: Path) -> TrainRun:
+    """The tiny model in bf16 with attention kept inside each document (FlexAttention's block
+    mask on CUDA) and positions restarted at each document, in windows long enough to hold several."""
+    return TrainRun("ds_configs/tiny_cpu.json", (f"data.manifest={manifest}", "train.precision=bf16",
+                                                  f"train.steps={MASKING_STEPS}", "data.seq_len=1024",
+                                                  "model.max_seq_len=1024", "train.document_masking=true",
+                                                  "train.reset_positions=true", "train.log_every=1",
+                                                  "train.eval_every=0", "train.checkpoint_every=0", *MEASURE_ONLY),
+                    1)
+
+
+def runs_e(check: Check) -> dict[str, TrainRun]:
+    return {"train": masking_run(check.manifest)}
+
+
+def costs_e(check: Check) -> list[Cost]:
+    tiny = runs_e(check)["train"].resolve(check.vocab)
+    train = train_cost("e-train", tiny, MASKING_STEPS, 1, check.gpu.peak_flops)
+    return [Cost("e-bench", PYTHON_START_S + FLEX_COMPILE_S), Cost("e-train", train.seconds + FLEX_COMPILE_S)]
+
+
+def masking_figures(check: Check, name: str, *args: str) -> dict:
+    """bench/document_masking.py's figures; its result must agree with the dense mask's."""
+    out = check.out / "e" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check.sh(name, [sys.executable, "bench/document_masking.py", *args, "--json", str(out)])
+    return agreeing(name, json.loads(out.read_text()))
+
+
+def agreeing(name: str, figures: dict) -> dict:
+    diff = figures["max_abs_diff_from_dense_mask"]
+    if not diff <= MASKING_TOLERANCE:  # NaN fails too
+        raise StepFailed(f"{name}: FlexAttention's block mask gives {diff:.3g} away from SDPA with the dense "
+                         f"mask (tolerance {MASKING_TOLERANCE})")
+    return figures
+
+
+def step_e(check: Check, figures: dict) -> None:
+    figures["kernel"] = masking_figures(check, "e-bench")
+    run_dir = check.out / "e" / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    check.sh("e-train", runs_e(check)["train"].command(run_dir, "none"))
+    figures["train"] = train_figures(read_metrics(run_dir))
+
+
+def dry_e(check: Check, figures: dict) -> None:
+    """The benchmark itself on the CPU, on small shapes (FlexAttention uncompiled): the script,
+    its figures and the agreement check run as they will on the GPU."""
+    figures["kernel_on_cpu"] = masking_figures(check, "e-bench-cpu", "--device", "cpu", "--seq", "256", "--heads",
+                                               "4", "--head-dim", "32", "--mean-doc-tokens", "64", "--iters", "2")
+
+
 # --- what the plan and the dry run read of every step
 
 def examine(check: Check, run: TrainRun, out_dir: Path) -> tuple[list[str], list[str]]:
@@ -453,6 +510,11 @@ STEPS = {
               "ZeRO-3 bf16 over NCCL with the flash kernel on llama-1b: finite losses, tokens/s, and the peak GPU "
               "memory measured against pipeline.plan's prediction (target within 10 %)",
               runs_c, costs_c, step_c),
+    "e": Step("e", "document masking on the GPU",
+              "FlexAttention with a block mask against causal SDPA at the LLaMA-7B attention shape (32 heads × 128, "
+              "seq 4096, bf16, forward + backward): ms per call, ratio, difference from the dense mask; and the tiny "
+              "model trained 10 steps with train.document_masking and train.reset_positions: finite losses",
+              runs_e, costs_e, step_e, dry_e),
     "d": Step("d", "llama-7b with optimizer offload",
               "llama-7b with its optimizer states in host memory: finite losses, step time, peak memory, a 7B "
               "checkpoint exported in bf16 and loaded by transformers",

@@ -38,7 +38,7 @@ def test_help_names_the_steps_and_options():
 @pytest.mark.parametrize("steps", ["a,x", ""])
 def test_unknown_steps_are_refused(steps, prepared_data, tmp_path):
     r = gpu_check("--dry-run", "--manifest", str(prepared_data), "--steps", steps, "--out", str(tmp_path))
-    assert r.returncode == 2 and "--steps" in r.stderr and "expected letters from c,a,b,d" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--steps" in r.stderr and "expected letters from c,a,b,e,d" in r.stderr, r.stderr
     assert not (tmp_path / "report.json").exists()
 
 
@@ -64,12 +64,16 @@ def test_dry_run_plans_within_the_budget_and_accepts_every_profile(prepared_data
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dry_run"] and report["passed"] and report["stopped"] is None
     plan = report["plan"]
-    assert [s["step"] for s in plan["steps"]] == ["c", "a", "b", "d"]
-    assert {s["step"]: s["decision"] for s in plan["steps"]} == {"c": "run", "a": "run", "b": "run", "d": "skip"}
+    assert [s["step"] for s in plan["steps"]] == ["c", "a", "b", "e", "d"]
+    # On 2 GPUs a also runs the pipeline engine, which leaves too little of 480 s for e.
+    assert {s["step"]: s["decision"] for s in plan["steps"]} == {"c": "run", "a": "run", "b": "run", "e": "skip",
+                                                                 "d": "skip"}
     assert 0 < plan["planned_s"] <= 480 and plan["planned_s"] == sum(
         s["estimate_s"] for s in plan["steps"] if s["decision"] == "run")
     steps = {s["step"]: s for s in report["steps"]}
-    assert {k: s["status"] for k, s in steps.items()} == {"c": "pass", "a": "pass", "b": "pass", "d": "skipped"}
+    assert {k: s["status"] for k, s in steps.items()} == {"c": "pass", "a": "pass", "b": "pass", "e": "skipped",
+                                                          "d": "skipped"}
+    assert "of the 480 s budget left" in steps["e"]["reason"]
     # d, llama-7b with its optimizer states in host memory, needs far more host memory than here,
     # and the report still says what it would have measured.
     assert "host memory" in steps["d"]["reason"] and "7B checkpoint" in steps["d"]["figures"]["would_measure"]
@@ -100,6 +104,32 @@ def test_dry_run_plans_within_the_budget_and_accepts_every_profile(prepared_data
     assert r.returncode == 0, r.stderr[-3000:]
     a = json.loads((one / "report.json").read_text())["steps"][0]
     assert a["status"] == "pass" and set(a["figures"]) == {"train", "resume"}
+
+
+def test_on_one_gpu_the_document_masking_step_fits_and_its_benchmark_runs(prepared_data, tmp_path):
+    """Step e on one GPU within the default budget; its dry run runs bench/document_masking.py
+    itself on the CPU (small shapes, FlexAttention uncompiled) and checks its agreement."""
+    r = gpu_check("--dry-run", "--manifest", str(prepared_data), "--out", str(tmp_path / "work"),
+                  "--results", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {s["step"]: s["decision"] for s in report["plan"]["steps"]}["e"] == "run"
+    e = next(s for s in report["steps"] if s["step"] == "e")
+    assert e["status"] == "pass" and e["estimate_s"] <= e["limit_s"], e
+    kernel = e["figures"]["kernel_on_cpu"]
+    assert kernel["documents"] > 1 and kernel["max_abs_diff_from_dense_mask"] <= 1e-6, kernel
+    assert kernel["document_masking_ms"] > 0 and kernel["causal_sdpa_ms"] > 0
+    overrides = e["figures"]["train"]["overrides"]
+    assert "train.document_masking=true" in overrides and "train.reset_positions=true" in overrides
+
+
+@pytest.mark.parametrize("diff", [0.2, float("nan")])
+def test_masking_figures_away_from_the_dense_mask_fail_the_step(diff):
+    from launch.gpu_steps import MASKING_TOLERANCE, StepFailed, agreeing
+
+    assert agreeing("e-bench", {"max_abs_diff_from_dense_mask": MASKING_TOLERANCE / 2})
+    with pytest.raises(StepFailed, match="away from SDPA with the dense mask"):
+        agreeing("e-bench", {"max_abs_diff_from_dense_mask": diff})
 
 
 def test_a_step_that_no_longer_fits_the_budget_is_skipped_saying_why(prepared_data, tmp_path):
