@@ -133,7 +133,7 @@ def test_the_dry_run_reads_the_bundled_data_and_fits_480_s_on_an_h100(bundle, tm
     plan = report["plan"]
     assert plan["gpu"] == "h100-80gb" and plan["budget_s"] == 480 and plan["planned_s"] <= 480
     steps = {s["step"]: s["status"] for s in report["steps"]}
-    assert steps == {"c": "pass", "a": "pass", "b": "pass", "d": "skipped"}, report["steps"]
+    assert steps == {"c": "pass", "a": "pass", "b": "pass", "e": "pass", "d": "skipped"}, report["steps"]
 
 
 def machine_without(site: Path, root: Path, missing: set[str]) -> Path:
