@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from prep_corpus import real_documents
-from data_prep.rule_tokenizer import (_PER_CHAR, RULES_FILE, RuleTokenizer, _ascii_only, _infix_finditer, _suffix_search,
-                                      export_rules)
+from data_prep.affix_patterns import PER_CHAR, ascii_only, infix_finditer, suffix_search
+from data_prep.rule_tokenizer import RULES_FILE, RuleTokenizer, export_rules
 from data_prep.words import sentence_count, split_words
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_guarded_affix_searches_answer_as_the_patterns():
     rules = json.loads(RULES_FILE.read_text(encoding="utf-8"))
     suffix = re.compile(rules["suffix_search"]["pattern"], rules["suffix_search"]["flags"])
     infix = re.compile(rules["infix_finditer"]["pattern"], rules["infix_finditer"]["flags"])
-    fast_suffix, fast_infix = _suffix_search(suffix), _infix_finditer(infix)
+    fast_suffix, fast_infix = suffix_search(suffix), infix_finditer(infix)
     assert fast_suffix is not suffix.search and fast_infix is not infix.finditer  # the fast paths are in use
     url = re.compile(rules["url_match"]["pattern"], rules["url_match"]["flags"])
     assert RuleTokenizer()._url_needs_dot
@@ -139,24 +139,24 @@ def test_guarded_affix_searches_answer_as_the_patterns():
 def test_per_character_patterns_answer_as_the_patterns_and_are_bounded():
     """The suffix search and the infix finditer try, at a character, only the alternatives
     that can end (start) with it, compiled once per set of alternatives and kept for at most
-    _PER_CHAR characters: on chunks over thousands of distinct characters, some ending in a
+    PER_CHAR characters: on chunks over thousands of distinct characters, some ending in a
     newline (where $ also matches before it), they answer as the plain patterns, and the
     per-character tables stay within the bound."""
     rules = json.loads(RULES_FILE.read_text(encoding="utf-8"))
     suffix = re.compile(rules["suffix_search"]["pattern"], rules["suffix_search"]["flags"])
     infix = re.compile(rules["infix_finditer"]["pattern"], rules["infix_finditer"]["flags"])
-    fast_suffix, fast_infix = _suffix_search(suffix), _infix_finditer(infix)
+    fast_suffix, fast_infix = suffix_search(suffix), infix_finditer(infix)
     punct = list("-.,:;!?'\"()[]{}<>/+*^~=_$%&#@") + ["...", "\n"]
-    alphabet = [chr(c) for c in range(0x100, 0x100 + 3 * _PER_CHAR)] + [chr(c) for c in range(48, 123)]
+    alphabet = [chr(c) for c in range(0x100, 0x100 + 3 * PER_CHAR)] + [chr(c) for c in range(48, 123)]
     rnd = random.Random(1)
-    for i in range(3 * _PER_CHAR):
+    for i in range(3 * PER_CHAR):
         chunk = "".join(rnd.choice(alphabet) if rnd.random() < 0.7 else rnd.choice(punct) for _ in range(rnd.randint(1, 8)))
         chunk += alphabet[i]  # every character ends some chunk
         for c in (chunk, chunk + rnd.choice(punct)):
             m, f = suffix.search(c), fast_suffix(c)
             assert (m and m.span()) == (f and f.span()), c
             assert [m.span() for m in infix.finditer(c)] == [m.span() for m in fast_infix(c)], c
-    assert 0 < len(fast_suffix.per_char) <= _PER_CHAR and 0 < len(fast_infix.per_char) <= _PER_CHAR
+    assert 0 < len(fast_suffix.per_char) <= PER_CHAR and 0 < len(fast_infix.per_char) <= PER_CHAR
 
 
 def test_ascii_only_patterns_match_as_the_patterns_on_ascii():
@@ -171,7 +171,7 @@ def test_ascii_only_patterns_match_as_the_patterns_on_ascii():
     rnd = random.Random(3)
     strings = ["".join(rnd.choices(alphabet, k=rnd.randint(0, 14))) for _ in range(20_000)]
     for p in patterns:
-        cut = re.compile(_ascii_only(p.pattern, p.flags), p.flags)
+        cut = re.compile(ascii_only(p.pattern, p.flags), p.flags)
         assert len(cut.pattern) < len(p.pattern) or p.pattern.isascii()
         for s in strings:
             assert [m.span() for m in p.finditer(s)] == [m.span() for m in cut.finditer(s)], (p.pattern[:40], s)
