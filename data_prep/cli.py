@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             if stage.name in wanted:
                 stage.run(ctx, executor)
     except (ConfigError, ExecutorError, ReadError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # a config names each wrong field on a line of its own
+            print(f"error: {line}", file=sys.stderr)
         return 2
     out = args.out
     print(f"done in {time.time() - t0:.1f}s: {args.command}", file=sys.stderr)

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from data_prep.config_errors import error_lines
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -342,10 +344,7 @@ def load_config(path: str | Path | None) -> PrepConfig:
     try:
         return PrepConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{path}: field '{field}': {err['msg']}{more}") from None
+        raise ConfigError("\n".join(error_lines(str(path), PrepConfig, e))) from None
 
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"

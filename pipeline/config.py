@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from data_prep.config_errors import error_lines
 from pipeline.ds_config import DeepSpeedConfigError, deepspeed_config
 from pipeline.model import PRESETS, ModelConfig
 
@@ -262,56 +261,6 @@ class Profile(BaseModel):
         return out
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The section class a field's annotation holds (`X`, `X | None`), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((m for m in map(_model_of, typing.get_args(annotation)) if m), None)
-
-
-def _field_path(loc: tuple) -> str:
-    """The dotted field name of an error location, without pydantic's union-member tags
-    (`int`, `literal['auto']`, `function-after[...]`)."""
-    parts, section = [], ProfileFile
-    for part in loc:
-        if section is not None and part in section.model_fields:
-            parts.append(str(part))
-            section = _model_of(section.model_fields[part].annotation)
-        elif section is None and isinstance(part, int):
-            parts.append(str(part))
-    return ".".join(parts)
-
-
-def _error_field(e: dict) -> str:
-    if e["type"] == "extra_forbidden":  # the unknown key itself is no field of its section
-        return ".".join(filter(None, [_field_path(e["loc"][:-1]), str(e["loc"][-1])]))
-    return _field_path(e["loc"]) or "<top>"
-
-
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    """One line per field; the members of a union (`int | 'auto'`) are joined into one expectation."""
-    lines, expected = [], {}
-    for e in err.errors():
-        loc = _error_field(e)
-        msg = e["msg"].removeprefix("Value error, ")
-        got = json.dumps(e.get("input"), default=str)[:80]
-        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
-            # A check across a section's fields: the message starts with the field it blames.
-            lines.append(f"{source}: {loc + '.' if loc != '<top>' else ''}{msg}")
-        elif e["type"] in ("missing", "extra_forbidden"):
-            msg = "unknown key (check its spelling and section)" if e["type"] == "extra_forbidden" else msg
-            lines.append(f"{source}: {loc}: {msg}")
-        elif msg.startswith("Input should be "):
-            if (loc, got) not in expected:
-                lines.append((loc, got))
-            expected.setdefault((loc, got), []).append(re.sub(r", (unable|got) .*", "", msg[len("Input should be "):]))
-        else:
-            lines.append(f"{source}: {loc}: {msg} (got {got})")
-    return "\n".join(line if isinstance(line, str) else
-                     f"{source}: {line[0]}: expected {' or '.join(dict.fromkeys(expected[line]))}, got {line[1]}"
-                     for line in lines)
-
-
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -442,7 +391,7 @@ def parse_profile(raw: dict, source: str) -> ProfileFile:
     try:
         return ProfileFile.model_validate(raw)
     except ValidationError as e:
-        raise ProfileError(_format_validation_error(source, e)) from None
+        raise ProfileError("\n".join(error_lines(source, ProfileFile, e))) from None
 
 
 def read_profile_json(path: str | Path) -> dict:

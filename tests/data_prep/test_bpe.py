@@ -178,7 +178,8 @@ def test_tokenizer_type_misconfiguration_is_one_line(tmp_path, tokenizer, messag
     cfg = write_config(tmp_path / "c.json", tiny_config([{"name": "x", "type": "jsonl", "paths": ["a"]}], tokenizer=tokenizer))
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
-    assert "field 'tokenizer'" in str(e.value) and message.replace("missing.json", str(tmp_path / "missing.json")) in str(e.value)
+    line = f"{cfg}: tokenizer." + message.replace("missing.json", str(tmp_path / "missing.json"))
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
 
 
 def test_a_vocabulary_the_sample_cannot_fill_is_refused(tmp_path):

@@ -274,12 +274,19 @@ def test_errors_are_one_line_naming_file_or_field(tmp_path):
     cfg = write_config(tmp_path / "c.json", tiny_config([{"name": "x", "type": "jsonl", "paths": [str(tmp_path / "nope.jsonl")]}]))
     r = _cli("run", "--config", cfg, "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope.jsonl" in r.stderr
-    bad = tiny_config([{"name": "x", "type": "csv", "paths": ["a"]}], minhash={"bands": 0})
-    r = _cli("run", "--config", write_config(tmp_path / "b.json", bad), "--out", tmp_path / "o")
-    assert r.returncode == 2 and "sources.0.type" in r.stderr and r.stderr.strip().count("\n") == 0
+    # Every wrong field of a config at once, one line each, named as the file spells it (this
+    # failed first: only the first field was named, with "(and 1 more)").
+    bad = tiny_config([{"name": "x", "type": "csv", "paths": ["a"]}], minhash={"bands": 0}, tokenizer={"vocab_size": "big"})
+    b = write_config(tmp_path / "b.json", bad)
+    r = _cli("run", "--config", b, "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {b}: sources.0.type: expected 'jsonl', 'parquet', 'hf_dataset', 'text_files' or 'site_packages', "
+        'got "csv"',
+        f"error: {b}: minhash.bands: expected greater than or equal to 1, got 0",
+        f'error: {b}: tokenizer.vocab_size: expected a valid integer, got "big"']
     typo = tiny_config([{"name": "x", "type": "jsonl", "paths": ["a"]}], minhsh={"bands": 4})
     r = _cli("config", "--config", write_config(tmp_path / "t.json", typo))
-    assert r.returncode == 2 and "field 'minhsh'" in r.stderr
+    assert r.returncode == 2 and "minhsh: unknown key (check its spelling and section)" in r.stderr
     (tmp_path / "j.json").write_text('{"sources": [}')
     r = _cli("config", "--config", tmp_path / "j.json")
     assert r.returncode == 2 and "j.json:1: invalid JSON" in r.stderr
