@@ -98,7 +98,7 @@ def main() -> None:
     from data_prep.stages import STAGES, Tokenize, open_context
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", choices=["demo", *CORPORA], default="demo")
+    ap.add_argument("--corpus", choices=CORPORA, default="demo", help="demo or a bench/corpora.py corpus (default demo)")
     ap.add_argument("--mb", type=float, default=14, help="corpus size in MB of text (default 14)")
     ap.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary (default 32000)")
     ap.add_argument("--sample-mb", type=float, default=4, help="tokenizer training sample (default 4 MB)")
