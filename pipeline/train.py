@@ -138,8 +138,8 @@ def resolve_profile(args: argparse.Namespace, world: int) -> tuple[Profile, Mani
         raw = parse_profile(apply_overrides(read_profile_json(args.profile), args.overrides), args.profile)
         manifest = Manifest.load(raw.data.manifest)
         profile = resolve(raw, args.profile, world, vocab_size=manifest.tokenizer.vocab_size)
-    except (ProfileError, ManifestError) as e:
-        raise StartError(f"error: {e}") from None
+    except (ProfileError, ManifestError) as e:  # a profile names each wrong field on a line of its own
+        raise StartError("\n".join(f"error: {line}" for line in str(e).splitlines())) from None
     if profile.model.vocab_size < manifest.tokenizer.vocab_size:
         raise StartError(f"error: {args.profile}: model.vocab_size={profile.model.vocab_size} is smaller than the "
                          f"tokenizer's {manifest.tokenizer.vocab_size} ({manifest.tokenizer.model_path})")

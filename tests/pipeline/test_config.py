@@ -215,3 +215,15 @@ def test_a_bad_set_value_is_one_line_without_pydantic_internals(tmp_path, settin
                           cwd=REPO)
     assert proc.returncode != 0
     assert proc.stderr == f"error: {REPO / 'ds_configs' / 'tiny_cpu.json'}: {line}\n", proc.stderr
+
+
+def test_every_wrong_field_of_a_profile_is_a_line_of_the_trainer_error(tmp_path):
+    """Two wrong settings: two lines, each an `error:` line (the second failed first: it had no prefix)."""
+    profile = REPO / "ds_configs" / "tiny_cpu.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--profile", str(profile), "--out", str(tmp_path / "run"),
+                           "--set", "train.steps=abc", "--set", "train.precision=fp8"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines() == [f"error: {profile}: train.steps: expected a valid integer or 'auto', got \"abc\"",
+                                        f"error: {profile}: train.precision: expected 'fp32', 'bf16' or 'fp16', got \"fp8\""], \
+        proc.stderr
