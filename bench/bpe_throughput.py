@@ -1,11 +1,13 @@
 """Byte-level BPE tokenization (tokenizer.type "bpe") against `tokenizers`' raw batch encode of
 the same text, one thread each (bench only; not a unit test).
 
-    .venv/bin/python bench/bpe_throughput.py [--corpus demo] [--mb 14] [--vocab 32000] [--repeats 5]
+    .venv/bin/python bench/bpe_throughput.py [--corpus demo] [--mb 14] [--vocab 32000] [--rounds 7]
 
 Trains a byte-level BPE (data_prep/bpe.py) on the first tokenizer sample's worth of the corpus,
-then prints, in MB/s of input text on one core, each the best of `--repeats` runs interleaved
-(the machine may be shared; the minimum is the least disturbed):
+then times, in `--rounds` rounds, each of the following once per round (in reverse order every
+other round, so that a slow stretch of a shared machine falls on both sides), and prints MB/s
+of input text on one core (the median over the rounds) and each overhead as the median of the
+rounds' own ratios, with every round's:
 (a) `Tokenizer.encode_batch` of the documents in batches of 1,024, ids not even read: the raw
     figure;
 (b) what the tokenize task does per batch (data_prep.encoders.BpeEncoder: ids with BOS/EOS,
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -102,7 +105,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=14, help="corpus size in MB of text (default 14)")
     ap.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary (default 32000)")
     ap.add_argument("--sample-mb", type=float, default=4, help="tokenizer training sample (default 4 MB)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds, each timing (a), (b), (a) kept and (c) once (default 7)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bpe_bench"), help="scratch directory (emptied first)")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "corpora", help="where bench/corpora.py keeps corpora")
     args = ap.parse_args()
@@ -134,29 +137,42 @@ def main() -> None:
     raw_tok = Tokenizer.from_file(str(tok_file))
     enc = encoders.load(tok_file, run.tokenizer)
     size = enc.vocab()["vocab_size"]
-    raw = lambda docs: [raw_tok.encode_batch(docs[i : i + BATCH], add_special_tokens=False) for i in range(0, len(docs), BATCH)]  # noqa: E731
+
+    def raw(docs: list[str]) -> None:
+        # Each batch's encodings are dropped before the next, as a task drops each batch once
+        # written: kept for the whole corpus they would cost raw the memory traffic ours avoids.
+        for i in range(0, len(docs), BATCH):
+            raw_tok.encode_batch(docs[i : i + BATCH], add_special_tokens=False)
+
     fns = {"raw": lambda: raw(texts), "batches": lambda: tokenize_batches(texts, lambda b: enc.encode(b, True, True), size),
            "raw_kept": lambda: raw(kept), "stage": stage}
-    best = {k: float("inf") for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
+    seconds = {k: [] for k in fns}
+    for r in range(max(1, args.rounds)):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
             t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            fns[k]()
+            seconds[k].append(time.perf_counter() - t0)
     mb = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6
     mb_kept = sum(len(t.encode("utf-8", "surrogatepass")) for t in kept) / 1e6
-    rate = {"raw": mb / best["raw"], "batches": mb / best["batches"], "raw_kept": mb_kept / best["raw_kept"],
-            "stage": mb_kept / best["stage"]}
+    docs_mb = {"raw": mb, "batches": mb, "raw_kept": mb_kept, "stage": mb_kept}
+    rate = {k: docs_mb[k] / statistics.median(s) for k, s in seconds.items()}
+    # Each round's overhead of ours over the raw encode of the same texts, in that round.
+    overhead = {ours: [a / b for a, b in zip(seconds[ours], seconds[peer])]
+                for ours, peer in (("batches", "raw"), ("stage", "raw_kept"))}
+
+    def over(k: str) -> str:
+        rounds = ", ".join(f"{100 * (x - 1):+.1f}%" for x in overhead[k])
+        return f"overhead {100 * (statistics.median(overhead[k]) - 1):5.1f}% (rounds: {rounds})"
+
     print(f"\ncorpus {args.corpus}: {mb:.1f} MB, {len(texts)} documents ({mb_kept:.1f} MB, {len(kept)} kept); "
-          f"one thread, best of {args.repeats}, MB/s of input text")
+          f"one thread, median of {len(seconds['raw'])} rounds, MB/s of input text")
     print(f"  (a) tokenizers encode_batch (raw)          {rate['raw']:7.2f} MB/s")
-    print(f"  (b) encode + shard writer (the task's work) {rate['batches']:7.2f} MB/s  "
-          f"overhead {100 * (rate['raw'] / rate['batches'] - 1):5.1f}%  ratio {rate['batches'] / rate['raw']:.3f}")
+    print(f"  (b) encode + shard writer (the task's work) {rate['batches']:7.2f} MB/s  {over('batches')}")
     print(f"  (a) on the kept documents                  {rate['raw_kept']:7.2f} MB/s")
-    print(f"  (c) the tokenize stage, one worker         {rate['stage']:7.2f} MB/s  "
-          f"overhead {100 * (rate['raw_kept'] / rate['stage'] - 1):5.1f}%  ratio {rate['stage'] / rate['raw_kept']:.3f}")
+    print(f"  (c) the tokenize stage, one worker         {rate['stage']:7.2f} MB/s  {over('stage')}")
     (args.work / "result.json").write_text(json.dumps({"corpus": args.corpus, "MB": mb, "kept_MB": mb_kept,
-                                                       "vocab": args.vocab, "MBps": rate}, indent=2))
+                                                       "vocab": args.vocab, "MBps": rate, "seconds": seconds,
+                                                       "overhead_rounds": overhead}, indent=2))
 
 
 if __name__ == "__main__":
