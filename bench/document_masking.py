@@ -8,20 +8,26 @@ shape, 32 heads × 128, on windows of --seq tokens that pack documents of about
   mask: blocks wholly outside every document are skipped);
 - peer: `F.scaled_dot_product_attention(is_causal=True)`, torch's fused causal kernel (flash),
   which attends across documents;
-- agreement: ours against SDPA with the same mask as a dense boolean tensor (the CPU path).
+- agreement: the output and the gradients of q, k and v against a float32 reference (SDPA with
+  the same mask as a dense boolean tensor, the CPU path, on the inputs upcast), as the relative
+  error ‖ours − ref‖ / ‖ref‖; SDPA with the dense mask in bf16 beside it shows what bf16 alone
+  costs (bf16 operands land between 1e-3 and 1e-2).
 
     python bench/document_masking.py [--seq 4096] [--batch 1] [--mean-doc-tokens 1024] [--iters 20] [--json FILE]
 
-Prints milliseconds per call, the ratio, and the largest difference from the dense-mask result;
---json writes them too (the GPU check's step e reads it). --device cpu runs the same script on
-small shapes with FlexAttention uncompiled, torch's reference: it checks the script and the
-agreement, and its times say nothing of the kernel.
+Each time is the median of --iters calls after 3 untimed ones (CUDA events on a GPU, so the
+compile stays out of it). Prints milliseconds per call, the ratio and the errors; --json writes
+them too (the GPU check's step e reads it). --device cpu runs the same script on small shapes
+to check the script and its agreement check; there "ours" is the CPU path, SDPA with the dense
+mask (`document_mask` on CPU tensors), as FlexAttention has no backward on the CPU, so its times
+say nothing of the kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,15 +56,38 @@ def packed_tokens(batch: int, seq: int, mean_doc: int, device) -> torch.Tensor:
 
 
 def timed(fn, iters: int, dev: torch.device) -> float:
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    """Milliseconds per call: the median of `iters` calls after 3 untimed ones."""
     for _ in range(3):
         fn()
-    sync()
-    tic = time.perf_counter()
-    for _ in range(iters):
+    if dev.type != "cuda":
+        times = []
+        for _ in range(iters):
+            tic = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - tic) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
         fn()
-    sync()
-    return (time.perf_counter() - tic) / iters * 1e3
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def forward_backward(q, k, v, grad, mask, dtype) -> list[torch.Tensor]:
+    """[output, dq, dk, dv] of attention under `mask`, from the inputs cast to `dtype`, in float32."""
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = attend(qq, kk, vv, mask, False)
+    out.backward(grad.to(dtype))
+    return [x.detach().float() for x in (out, qq.grad, kk.grad, vv.grad)]
+
+
+def relative_errors(got: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
+    """(‖out − ref‖ / ‖ref‖, the largest of the same for dq, dk, dv); NaN stays NaN."""
+    rel = [((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
+    return rel[0], max(rel[1:], key=lambda x: float("inf") if x != x else x)
 
 
 def main(argv=None) -> int:
@@ -94,21 +123,28 @@ def main(argv=None) -> int:
     ours = timed(step(block_mask), args.iters, dev)
     causal = timed(step(None), args.iters, dev)
     dense = document_mask(doc, flex=False)
+    reference = forward_backward(q, k, v, grad, dense, torch.float32)
+    ours_rel = relative_errors(forward_backward(q, k, v, grad, block_mask, torch.bfloat16), reference)
+    dense_rel = relative_errors(forward_backward(q, k, v, grad, dense, torch.bfloat16), reference)
     with torch.no_grad():
         diff = (attend(q, k, v, block_mask, False).float() - attend(q, k, v, dense, False).float()).abs().max().item()
     docs = int(doc.max(dim=1).values.sum().item()) + args.batch
-    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (FlexAttention uncompiled)"
+    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (ours: SDPA with the dense mask; no FlexAttention)"
     print(f"{device}: batch {args.batch} × {args.seq} tokens, {docs} documents, "
           f"{args.heads} heads × {args.head_dim}, bf16, forward + backward")
     print(f"  document masking (FlexAttention, block mask)  {ours:8.3f} ms")
     print(f"  causal SDPA (attends across documents)         {causal:8.3f} ms")
     print(f"  ratio ours / causal                            {ours / causal:8.2f}x")
-    print(f"  largest difference from SDPA with the dense mask: {diff:.3g}")
+    print(f"  relative error against fp32, output / gradients: ours {ours_rel[0]:.2e} / {ours_rel[1]:.2e}, "
+          f"SDPA with the dense mask in bf16 {dense_rel[0]:.2e} / {dense_rel[1]:.2e}")
+    print(f"  largest difference from SDPA with the dense mask in bf16: {diff:.3g}")
     if args.json:
         figures = {"device": device, "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
                    "heads": args.heads, "head_dim": args.head_dim, "documents": docs, "iters": args.iters,
                    "document_masking_ms": ours, "causal_sdpa_ms": causal, "ratio": ours / causal,
-                   "max_abs_diff_from_dense_mask": diff}
+                   "max_abs_diff_from_dense_mask": diff, "rel_error_out": ours_rel[0],
+                   "rel_error_grads": ours_rel[1], "dense_bf16_rel_error_out": dense_rel[0],
+                   "dense_bf16_rel_error_grads": dense_rel[1], "timing": f"median of {args.iters} calls"}
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 

@@ -40,7 +40,9 @@ LOSS_CHUNK_TOKENS = 4096  # the 7B shapes' chunked loss: the fp32 logits of 4 ×
 MEMORY_TOLERANCE = 0.10  # step c's target: measured peak within 10 % of the plan
 H100_MFU_TARGET = 0.50  # step b's target for ours on an H100
 MASKING_STEPS = 10
-MASKING_TOLERANCE = 5e-2  # step e: bf16 outputs of order 1 agree to a few units in their last place
+# Step e: FlexAttention's output and gradients in bf16 against a float32 reference, as
+# ‖ours − ref‖ / ‖ref‖; bf16 operands land between 1e-3 and 1e-2 (2e-3 to 3e-3 on the CPU's shapes).
+MASKING_TOLERANCE = 2e-2
 FLEX_COMPILE_S = 40.0  # torch.compile of FlexAttention's forward and backward kernels (a guess; the report corrects it)
 
 
@@ -431,10 +433,10 @@ def masking_figures(check: Check, name: str, *args: str) -> dict:
 
 
 def agreeing(name: str, figures: dict) -> dict:
-    diff = figures["max_abs_diff_from_dense_mask"]
-    if not diff <= MASKING_TOLERANCE:  # NaN fails too
-        raise StepFailed(f"{name}: FlexAttention's block mask gives {diff:.3g} away from SDPA with the dense "
-                         f"mask (tolerance {MASKING_TOLERANCE})")
+    for key, what in (("rel_error_out", "output"), ("rel_error_grads", "gradients")):
+        if not figures[key] <= MASKING_TOLERANCE:  # NaN fails too
+            raise StepFailed(f"{name}: FlexAttention's block mask gives {what} {figures[key]:.3g} away (relative) "
+                             f"from the float32 reference with the dense mask (tolerance {MASKING_TOLERANCE})")
     return figures
 
 
@@ -447,8 +449,9 @@ def step_e(check: Check, figures: dict) -> None:
 
 
 def dry_e(check: Check, figures: dict) -> None:
-    """The benchmark itself on the CPU, on small shapes (FlexAttention uncompiled): the script,
-    its figures and the agreement check run as they will on the GPU."""
+    """The benchmark itself on the CPU, on small shapes (ours is the CPU path there, SDPA with
+    the dense mask: FlexAttention has no backward on the CPU): the script, its figures and the
+    agreement check run as they will on the GPU."""
     figures["kernel_on_cpu"] = masking_figures(check, "e-bench-cpu", "--device", "cpu", "--seq", "256", "--heads",
                                                "4", "--head-dim", "32", "--mean-doc-tokens", "64", "--iters", "2")
 

@@ -108,7 +108,7 @@ def test_dry_run_plans_within_the_budget_and_accepts_every_profile(prepared_data
 
 def test_on_one_gpu_the_document_masking_step_fits_and_its_benchmark_runs(prepared_data, tmp_path):
     """Step e on one GPU within the default budget; its dry run runs bench/document_masking.py
-    itself on the CPU (small shapes, FlexAttention uncompiled) and checks its agreement."""
+    itself on the CPU (small shapes, the CPU path's dense mask) and checks its agreement."""
     r = gpu_check("--dry-run", "--manifest", str(prepared_data), "--out", str(tmp_path / "work"),
                   "--results", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -118,18 +118,41 @@ def test_on_one_gpu_the_document_masking_step_fits_and_its_benchmark_runs(prepar
     assert e["status"] == "pass" and e["estimate_s"] <= e["limit_s"], e
     kernel = e["figures"]["kernel_on_cpu"]
     assert kernel["documents"] > 1 and kernel["max_abs_diff_from_dense_mask"] <= 1e-6, kernel
+    assert 0 < kernel["rel_error_out"] < 1e-2 and 0 < kernel["rel_error_grads"] < 1e-2, kernel  # bf16 against fp32
     assert kernel["document_masking_ms"] > 0 and kernel["causal_sdpa_ms"] > 0
     overrides = e["figures"]["train"]["overrides"]
     assert "train.document_masking=true" in overrides and "train.reset_positions=true" in overrides
 
 
-@pytest.mark.parametrize("diff", [0.2, float("nan")])
-def test_masking_figures_away_from_the_dense_mask_fail_the_step(diff):
+@pytest.mark.parametrize("key", ["rel_error_out", "rel_error_grads"])
+@pytest.mark.parametrize("error", [0.2, float("nan")])
+def test_masking_figures_away_from_the_reference_fail_the_step(key, error):
     from launch.gpu_steps import MASKING_TOLERANCE, StepFailed, agreeing
 
-    assert agreeing("e-bench", {"max_abs_diff_from_dense_mask": MASKING_TOLERANCE / 2})
-    with pytest.raises(StepFailed, match="away from SDPA with the dense mask"):
-        agreeing("e-bench", {"max_abs_diff_from_dense_mask": diff})
+    close = {"rel_error_out": MASKING_TOLERANCE / 2, "rel_error_grads": MASKING_TOLERANCE / 2}
+    assert agreeing("e-bench", close)
+    with pytest.raises(StepFailed, match="away .relative. from the float32 reference"):
+        agreeing("e-bench", {**close, key: error})
+
+
+def test_attention_across_documents_fails_the_masking_check():
+    """The negative control of step e's check, computed as the benchmark computes it: plain causal
+    attention, which attends across the packed documents, is far outside the tolerance."""
+    import torch
+
+    from bench.document_masking import EOS, forward_backward, packed_tokens, relative_errors
+    from launch.gpu_steps import StepFailed, agreeing
+    from pipeline.model import document_layout, document_mask
+
+    doc, _ = document_layout(packed_tokens(1, 256, 64, "cpu"), EOS)
+    q, k, v, grad = (torch.randn(1, 4, 256, 32) for _ in range(4))
+    reference = forward_backward(q, k, v, grad, document_mask(doc, flex=False), torch.float32)
+    # (on the CPU the mask is the dense one: FlexAttention has no backward there)
+    masked = relative_errors(forward_backward(q, k, v, grad, document_mask(doc), torch.bfloat16), reference)
+    across = relative_errors(forward_backward(q, k, v, grad, None, torch.bfloat16), reference)
+    assert agreeing("masked", {"rel_error_out": masked[0], "rel_error_grads": masked[1]})
+    with pytest.raises(StepFailed):
+        agreeing("across", {"rel_error_out": across[0], "rel_error_grads": across[1]})
 
 
 def test_a_step_that_no_longer_fits_the_budget_is_skipped_saying_why(prepared_data, tmp_path):
