@@ -102,16 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Reasons a record was not used that say nothing is wrong with the input: an empty text, and a
+# .py file with no docstring (text_files and site_packages read only the docstrings of Python
+# files), are valid records with nothing to keep. They are counted, not warned about.
+NOTHING_TO_KEEP = ("bad_input:empty", "bad_input:no_docstrings")
+
+
 def input_problems(stats: dict) -> list[str]:
-    """One line per file not read to its end, one counting the bad records by reason (empty
-    documents are not bad input: an empty text is a valid record with nothing to keep), and one
-    counting the records that repeat an id."""
+    """One line per file not read to its end, one counting the bad records by reason (not those
+    in NOTHING_TO_KEEP), and one counting the records that repeat an id."""
     from data_prep.stats import repeated_ids
 
     lines = [f"{f['file']} could not be read to its end: {f['records_read']:,} records read before the cut; "
              "the rest of the file is not in the output" for f in stats["accounting"].get("incomplete_files", [])]
     bad = {r.split(":", 1)[1]: n for r, n in stats["reasons"].items()
-           if r.startswith("bad_input:") and r not in ("bad_input:empty", "bad_input:truncated_file")}
+           if r.startswith("bad_input:") and r not in (*NOTHING_TO_KEEP, "bad_input:truncated_file")}
     if bad:
         lines.append(f"{sum(bad.values()):,} bad input record(s) were not used: "
                      + ", ".join(f"{reason} {n:,}" for reason, n in sorted(bad.items()))

@@ -121,6 +121,25 @@ def test_the_console_names_lost_input_and_strict_makes_it_an_error(prepared):
     assert strict.stderr.splitlines()[-1].startswith("error: --strict: the input has 2 problem(s), named above")
 
 
+def test_python_files_without_docstrings_are_not_bad_input(tmp_path):
+    """A .py file with no docstring has no prose to keep, as an empty text has none: counted
+    (`no_docstrings`), never a warning, and no reason for --strict to fail (this failed first: the
+    demo corpus gave "warning: 1,648 bad input record(s)", and --strict exited 1 on it)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = real_documents(40)
+    for i, doc in enumerate(docs[:20]):
+        (src / f"mod{i}.py").write_text(f'"""{doc}"""\n\ndef f():\n    return {i}\n')
+    (src / "plain.py").write_text("x = 1\n")
+    for i, doc in enumerate(docs[20:]):
+        (src / f"note{i}.txt").write_text(doc)
+    cfg = write_config(tmp_path / "c.json", tiny_config([{"name": "code", "type": "text_files", "paths": [str(src)]}]))
+    r = _cli("run", "--config", cfg, "--out", tmp_path / "out", "--strict")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [line for line in r.stderr.splitlines() if line.startswith(("warning:", "error:"))], r.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["reasons"]["bad_input:no_docstrings"] == 1
+
+
 def test_manifest_and_shards_follow_the_contract(prepared):
     import datasets
     import sentencepiece as spm
