@@ -64,10 +64,6 @@ def _walk(root: type[BaseModel], loc: tuple) -> tuple[str, Any]:
     return ".".join(parts), annotation
 
 
-def field_path(root: type[BaseModel], loc: tuple) -> str:
-    return _walk(root, loc)[0]
-
-
 def _names_a_field(root: type[BaseModel], loc: tuple, msg: str) -> bool:
     """Whether a section-wide check's message starts with one of the section's fields
     ("mixture.web: weight must be > 0"), which then continues the path."""
@@ -77,8 +73,8 @@ def _names_a_field(root: type[BaseModel], loc: tuple, msg: str) -> bool:
 
 def _error_field(root: type[BaseModel], e: dict) -> str:
     if e["type"] == "extra_forbidden":  # the unknown key itself is no field of its section
-        return ".".join(filter(None, [field_path(root, e["loc"][:-1]), str(e["loc"][-1])]))
-    return field_path(root, e["loc"]) or "<top>"
+        return ".".join(filter(None, [_walk(root, e["loc"][:-1])[0], str(e["loc"][-1])]))
+    return _walk(root, e["loc"])[0] or "<top>"
 
 
 def error_lines(source: str, root: type[BaseModel], err: ValidationError) -> list[str]:
